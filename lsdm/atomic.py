@@ -1,0 +1,54 @@
+"""Writes that never leave a half-written file or folder behind: stage beside, then rename."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path in ``path``'s folder; on success it replaces ``path``.
+
+    The temporary name keeps ``path``'s suffixes (``.nii.gz``), which some writers go by.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".partial" + "".join(path.suffixes[-2:])
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=suffix)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+@contextmanager
+def staged_directory(out: Path) -> Iterator[Path]:
+    """Yield an empty staging folder beside ``out``; on success it becomes ``out``.
+
+    ``out`` must not exist or be empty, so that nothing of a user's is ever replaced. On failure
+    the staging folder is removed and ``out`` is untouched.
+    """
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"output folder is not empty: {out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
+    try:
+        yield stage
+        if out.exists():
+            out.rmdir()
+        os.replace(stage, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

@@ -1,0 +1,97 @@
+"""Checkpoints as one safetensors file: module weights, optimiser state and JSON metadata.
+
+No pickle anywhere: tensors are stored by name (``model/<module>/<param>``,
+``optim/<name>/<param index>/<key>``), everything else (step, optimiser hyper-parameters, the
+caller's metadata) as JSON in the safetensors header. Files are written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from lsdm.atomic import atomic_path
+from lsdm.errors import InputError
+
+
+def _optimiser_tensors(name: str, optimiser: torch.optim.Optimizer) -> tuple[dict, dict]:
+    state = optimiser.state_dict()
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"optim/{name}/{index}/{key}"] = value.detach().contiguous()
+            else:
+                scalars[f"{index}/{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def save_checkpoint(
+    path: Path,
+    modules: dict[str, nn.Module],
+    optimisers: dict[str, torch.optim.Optimizer] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in modules.items():
+        for key, value in module.state_dict().items():
+            # clone: safetensors refuses tensors that share storage (tied weights, views)
+            tensors[f"model/{name}/{key}"] = value.detach().cpu().contiguous().clone()
+    optimiser_meta = {}
+    for name, optimiser in (optimisers or {}).items():
+        extra, optimiser_meta[name] = _optimiser_tensors(name, optimiser)
+        tensors |= {k: v.cpu() for k, v in extra.items()}
+    header = {
+        "metadata": json.dumps(metadata or {}),
+        "optimisers": json.dumps(optimiser_meta),
+    }
+    with atomic_path(Path(path)) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads(f.metadata()["metadata"])
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError) as err:
+        raise InputError(f"not a readable checkpoint: {path}: {err}") from None
+
+
+def load_checkpoint(
+    path: Path,
+    modules: dict[str, nn.Module],
+    optimisers: dict[str, torch.optim.Optimizer] | None = None,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Restore ``modules`` (strictly: every key must match) and ``optimisers`` in place from
+    ``path``; returns the caller's metadata."""
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            keys = set(f.keys())
+            header = f.metadata()
+            for name, module in modules.items():
+                prefix = f"model/{name}/"
+                state = {k[len(prefix) :]: f.get_tensor(k) for k in keys if k.startswith(prefix)}
+                module.load_state_dict(state, strict=True)
+            saved_optimisers = json.loads(header.get("optimisers", "{}"))
+            for name, optimiser in (optimisers or {}).items():
+                meta = saved_optimisers[name]
+                state: dict[int, dict] = {}
+                prefix = f"optim/{name}/"
+                for key in keys:
+                    if key.startswith(prefix):
+                        index, field = key[len(prefix) :].split("/", 1)
+                        state.setdefault(int(index), {})[field] = f.get_tensor(key)
+                for key, value in meta["scalars"].items():
+                    index, field = key.split("/", 1)
+                    state.setdefault(int(index), {})[field] = value
+                optimiser.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+            return json.loads(header["metadata"])
+    except (SafetensorError, OSError, KeyError, RuntimeError, ValueError) as err:
+        raise InputError(f"checkpoint does not fit this model: {path}: {err}") from None

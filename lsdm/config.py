@@ -1,0 +1,165 @@
+"""Configuration: pydantic models for data, VQ-GAN, diffusion and training, and named presets.
+
+A configuration is validated once, at the edge (a YAML file or a preset name), and passed down as
+objects. Two presets matter everywhere:
+
+- ``tiny``: 1x32x64x64 volumes, a few hundred thousand parameters; trains in seconds to minutes on
+  2 CPU cores (tests, CI, the demo).
+- ``reference``: Med-LSDM scale, 1x32x256x256 volumes, 8x8x64x64 latents, 16384 codes of dim 8.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lsdm.errors import InputError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Strict):
+    shape: tuple[int, int, int] = Field(
+        (32, 64, 64), description="(D, H, W) every volume is cropped or padded to, after RAS"
+    )
+    intensity_percentiles: tuple[float, float] = Field(
+        (0.5, 99.5), description="per-volume percentiles mapped to -1 and 1 (then clipped)"
+    )
+    batch_size: int = Field(2, ge=1)
+    num_workers: int = Field(0, ge=0, description="data loader worker processes")
+
+    @model_validator(mode="after")
+    def _shape_fits_the_autoencoder(self) -> DataConfig:
+        if any(n % 4 for n in self.shape):
+            raise ValueError(f"shape {self.shape}: every side must be divisible by 4")
+        return self
+
+
+class VQGANConfig(_Strict):
+    channels: tuple[int, int] = Field((16, 32), description="encoder widths of the two levels")
+    num_res_layers: int = Field(1, ge=0)
+    num_res_channels: tuple[int, int] = (16, 32)
+    num_embeddings: int = Field(256, ge=2, description="codebook size")
+    embedding_dim: int = Field(4, ge=1, description="latent channels")
+    commitment_cost: float = 0.25
+    codebook_decay: float = Field(0.99, gt=0, lt=1, description="EMA decay of the codebook")
+    disc_channels: int = 16
+    disc_layers: int = Field(2, ge=1)
+    adversarial_loss: Literal["hinge", "least_squares"] = "hinge"
+    adversarial_weight: float = Field(0.05, ge=0)
+    feature_matching_weight: float = Field(0.1, ge=0)
+    adversarial_start_step: int = Field(
+        200, ge=0, description="the discriminator and the adversarial terms start at this step"
+    )
+    lr: float = 3e-4
+    disc_lr: float = 3e-4
+
+
+class DiffusionConfig(_Strict):
+    channels: tuple[int, ...] = (32, 64)
+    attention_levels: tuple[bool, ...] = (False, False)
+    num_res_blocks: int = 1
+    num_head_channels: int = 8
+    timesteps: int = 1000
+    schedule: Literal["linear_beta", "scaled_linear_beta", "cosine"] = "scaled_linear_beta"
+    prediction: Literal["epsilon", "v_prediction"] = "epsilon"
+    condition_dropout: float = Field(0.2, ge=0, le=1, description="share of null-map samples")
+    guidance_scale: float = 1.5
+    ema_decay: float = Field(0.995, gt=0, lt=1)
+    lr: float = 2e-4
+
+    @model_validator(mode="after")
+    def _levels_match(self) -> DiffusionConfig:
+        if len(self.channels) != len(self.attention_levels):
+            raise ValueError("channels and attention_levels must have the same length")
+        return self
+
+
+class TrainConfig(_Strict):
+    steps: int = Field(400, ge=1)
+    seed: int = 0
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
+    preview_subjects: int = Field(3, ge=1, description="subjects reconstructed at the end")
+
+
+class LSDMConfig(_Strict):
+    preset: str = "custom"
+    data: DataConfig = DataConfig()
+    vqgan: VQGANConfig = VQGANConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    train: TrainConfig = TrainConfig()
+
+    def with_overrides(self, **sections: dict) -> LSDMConfig:
+        """A copy with some fields of some sections replaced, validated again."""
+        merged = self.model_dump()
+        for section, values in sections.items():
+            merged[section].update(values)
+        return LSDMConfig.model_validate(merged)
+
+
+PRESETS: dict[str, LSDMConfig] = {
+    "tiny": LSDMConfig(preset="tiny"),
+    "reference": LSDMConfig(
+        preset="reference",
+        data=DataConfig(shape=(32, 256, 256), batch_size=2, num_workers=4),
+        vqgan=VQGANConfig(
+            channels=(64, 128),
+            num_res_layers=2,
+            num_res_channels=(64, 128),
+            num_embeddings=16384,
+            embedding_dim=8,
+            disc_channels=64,
+            disc_layers=3,
+            adversarial_start_step=1000,
+            lr=1e-4,
+            disc_lr=1e-4,
+        ),
+        diffusion=DiffusionConfig(
+            channels=(128, 256, 512),
+            attention_levels=(False, True, True),
+            num_res_blocks=2,
+            num_head_channels=32,
+            timesteps=1000,
+            schedule="cosine",
+            lr=1e-4,
+        ),
+        train=TrainConfig(steps=100_000, log_every=50, checkpoint_every=1000),
+    ),
+}
+
+
+def preset(name: str) -> LSDMConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise InputError(f"unknown preset {name!r} (choose from {', '.join(PRESETS)})") from None
+
+
+def load_config(path: Path) -> LSDMConfig:
+    """Read a YAML configuration; it may name a ``preset`` whose values the file then overrides."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise InputError(f"cannot read configuration {path}: {err}") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"configuration {path} must be a mapping")
+    base = preset(raw.pop("preset")).model_dump() if "preset" in raw else {}
+    for section, values in raw.items():
+        if isinstance(values, dict) and isinstance(base.get(section), dict):
+            base[section].update(values)
+        else:
+            base[section] = values
+    try:
+        return LSDMConfig.model_validate(base)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
+        )
+        raise InputError(f"invalid configuration {path}: {problems}") from None

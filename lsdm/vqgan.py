@@ -1,0 +1,190 @@
+"""The 3D VQ-GAN: MONAI's VQVAE (two stride-2 levels, 4x compression per axis) and a 3D
+PatchDiscriminator whose norm DP-SGD can use (InstanceNorm, never BatchNorm).
+
+Losses of the autoencoder step: L1 reconstruction, the codebook commitment loss (the codebook
+itself follows an exponential moving average of the encodings), and, from
+``adversarial_start_step`` on, an adversarial term (hinge or least squares) and L1 feature matching
+between the discriminator's intermediate features of real and reconstructed volumes. No
+perceptual loss: every usable 3D feature network downloads weights at run time.
+
+The latent interface for the diffusion stage: :meth:`VQGAN.encode` gives the continuous
+pre-quantisation latent scaled to [-1, 1] by the codebook's value range; :meth:`VQGAN.decode`
+undoes the scaling, quantises and decodes. The range is a buffer, so it travels in checkpoints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from monai.losses import PatchAdversarialLoss
+from monai.networks.nets import VQVAE, PatchDiscriminator
+from torch import nn
+
+from lsdm.config import VQGANConfig
+
+LEVELS = 2  # two stride-2 levels: (D, H, W) -> (D/4, H/4, W/4)
+
+
+class VQGAN(nn.Module):
+    """Autoencoder ``(B, 1, D, H, W) -> (B, 1, D, H, W)`` through a ``(B, E, D/4, H/4, W/4)``
+    codebook latent, with its discriminator."""
+
+    def __init__(self, config: VQGANConfig):
+        super().__init__()
+        self.config = config
+        self.autoencoder = VQVAE(
+            spatial_dims=3,
+            in_channels=1,
+            out_channels=1,
+            channels=config.channels,
+            num_res_layers=config.num_res_layers,
+            num_res_channels=config.num_res_channels,
+            downsample_parameters=((2, 4, 1, 1),) * LEVELS,
+            upsample_parameters=((2, 4, 1, 1, 0),) * LEVELS,
+            num_embeddings=config.num_embeddings,
+            embedding_dim=config.embedding_dim,
+            commitment_cost=config.commitment_cost,
+            decay=config.codebook_decay,
+        )
+        self.discriminator = PatchDiscriminator(
+            spatial_dims=3,
+            channels=config.disc_channels,
+            in_channels=1,
+            out_channels=1,
+            num_layers_d=config.disc_layers,
+            norm=("INSTANCE", {"affine": True}),
+        )
+        # The codebook's value range when last calibrated; see calibrate_latent_scale().
+        self.register_buffer("latent_low", torch.tensor(-1.0))
+        self.register_buffer("latent_high", torch.tensor(1.0))
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        """``(num_embeddings, embedding_dim)``."""
+        return self.autoencoder.quantizer.quantizer.embedding.weight
+
+    @torch.no_grad()
+    def calibrate_latent_scale(self) -> None:
+        """Fix the latent scaling to the codebook's current value range (before saving)."""
+        self.latent_low.copy_(self.codebook.min())
+        self.latent_high.copy_(self.codebook.max())
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Continuous pre-quantisation latent, scaled to [-1, 1] by the calibrated range."""
+        z = self.autoencoder.encode(images)
+        return (z - self.latent_low) / (self.latent_high - self.latent_low) * 2.0 - 1.0
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Unscale, quantise to the nearest codes and decode to ``(B, 1, D, H, W)``."""
+        z = (latents + 1.0) / 2.0 * (self.latent_high - self.latent_low) + self.latent_low
+        quantised, _ = self.autoencoder.quantize(z)
+        return self.autoencoder.decode(quantised)
+
+
+@dataclass
+class VQGANOptimisers:
+    autoencoder: torch.optim.Optimizer
+    discriminator: torch.optim.Optimizer
+
+
+def make_optimisers(model: VQGAN) -> VQGANOptimisers:
+    # The codebook is an EMA buffer-like parameter updated in the forward pass, not by gradients.
+    params = [p for p in model.autoencoder.parameters() if p.requires_grad]
+    return VQGANOptimisers(
+        autoencoder=torch.optim.Adam(params, lr=model.config.lr, betas=(0.5, 0.9)),
+        discriminator=torch.optim.Adam(
+            model.discriminator.parameters(), lr=model.config.disc_lr, betas=(0.5, 0.9)
+        ),
+    )
+
+
+def _adversarial_loss(config: VQGANConfig) -> PatchAdversarialLoss:
+    return PatchAdversarialLoss(criterion=config.adversarial_loss)
+
+
+def autoencoder_step(
+    model: VQGAN,
+    images: torch.Tensor,
+    optimiser: torch.optim.Optimizer,
+    real_features: list[torch.Tensor] | None = None,
+) -> tuple[dict[str, float], torch.Tensor]:
+    """One update of the autoencoder; returns its losses and the (detached) reconstruction.
+
+    With ``real_features`` (the discriminator's intermediate features of ``images``, detached)
+    the adversarial and feature-matching terms are added; without, the step is L1 + codebook only.
+    """
+    config = model.config
+    model.autoencoder.train()
+    reconstruction, quantisation_loss = model.autoencoder(images)
+    recon_l1 = F.l1_loss(reconstruction, images)
+    loss = recon_l1 + quantisation_loss
+    losses = {"recon_l1": recon_l1.item(), "quantisation": quantisation_loss.item()}
+    if real_features is not None:
+        *fake_features, fake_logits = model.discriminator(reconstruction)
+        adversarial = _adversarial_loss(config)(
+            fake_logits, target_is_real=True, for_discriminator=False
+        )
+        matching = sum(
+            F.l1_loss(f, r) for f, r in zip(fake_features, real_features, strict=True)
+        ) / len(fake_features)
+        loss = (
+            loss
+            + config.adversarial_weight * adversarial
+            + config.feature_matching_weight * matching
+        )
+        losses |= {"adversarial": adversarial.item(), "feature_matching": matching.item()}
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    optimiser.step()
+    # The discriminator was only read by this loss: the gradients it left there are not its own.
+    model.discriminator.zero_grad(set_to_none=True)
+    return losses, reconstruction.detach()
+
+
+def discriminator_step(
+    model: VQGAN,
+    real_logits: torch.Tensor,
+    reconstruction: torch.Tensor,
+    optimiser: torch.optim.Optimizer,
+) -> dict[str, float]:
+    """One update of the discriminator: ``real_logits`` (computed with gradients) against its
+    logits for the (detached) reconstructions."""
+    criterion = _adversarial_loss(model.config)
+    fake_logits = model.discriminator(reconstruction)[-1]
+    loss = 0.5 * (
+        criterion(real_logits, target_is_real=True, for_discriminator=True)
+        + criterion(fake_logits, target_is_real=False, for_discriminator=True)
+    )
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    optimiser.step()
+    return {"discriminator": loss.item()}
+
+
+def train_step(
+    model: VQGAN, images: torch.Tensor, optimisers: VQGANOptimisers, step: int
+) -> dict[str, float]:
+    """One VQ-GAN training step on a batch ``(B, 1, D, H, W)`` in [-1, 1]: the autoencoder, then,
+    from ``adversarial_start_step`` on, the discriminator. Returns the losses as floats.
+
+    The discriminator reads the real volumes once per step: the autoencoder's feature matching
+    uses those features detached, the discriminator's own update the same forward pass (its
+    weights do not change in between). The same function serves central training, a federated
+    site's round and the benchmark.
+    """
+    if step < model.config.adversarial_start_step:
+        return autoencoder_step(model, images, optimisers.autoencoder)[0]
+    model.discriminator.train()
+    *real_features, real_logits = model.discriminator(images)
+    losses, reconstruction = autoencoder_step(
+        model, images, optimisers.autoencoder, [f.detach() for f in real_features]
+    )
+    return losses | discriminator_step(model, real_logits, reconstruction, optimisers.discriminator)
+
+
+@torch.no_grad()
+def reconstruct(model: VQGAN, images: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    return model.autoencoder(images)[0].clamp(-1.0, 1.0)

@@ -1,0 +1,43 @@
+"""The schema of a federation policy: what every site in a federation agrees on."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from policies.vocabulary import LabelVocabulary, validate_vocabulary
+
+
+class PhaseRounds(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    vqgan: int = Field(20, ge=1, description="federated rounds of VQ-GAN training (phase 1)")
+    diffusion: int = Field(40, ge=1, description="federated rounds of latent diffusion (phase 2)")
+
+
+class FederationPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["federation"] = "federation"
+    name: str = Field(min_length=1, max_length=64)
+    description: str = ""
+    labels: LabelVocabulary = Field(
+        default_factory=lambda: {
+            0: "background",
+            1: "fat",
+            2: "fibroglandular",
+            3: "vessel",
+            4: "lesion",
+        }
+    )
+    model_preset: Literal["tiny", "reference"] = "reference"
+    rounds: PhaseRounds = Field(default_factory=PhaseRounds)
+    min_sites: int = Field(2, ge=1, description="a round starts only with this many sites")
+    dp_required: bool = Field(True, description="sites must train with differential privacy")
+    max_epsilon: float | None = Field(10.0, gt=0, description="largest ε a site may report")
+
+    @field_validator("labels")
+    @classmethod
+    def _vocab(cls, v: dict[int, str]) -> dict[int, str]:
+        return validate_vocabulary(v)
