@@ -226,6 +226,8 @@ def _text_problems(text: str) -> list[str]:
 def check_filename(rel: str) -> list[Finding]:
     out = []
     for part in Path(rel).parts:
+        for suffix in (".gz", ".nii", ".dcm", ".json", ".jsonl"):
+            part = part.removesuffix(suffix)
         kinds = _text_problems(part)
         # a run of digits that is neither a date nor a UID: a record number, an accession number
         if LONG_NUMBER.search(part) and not kinds:
@@ -256,6 +258,13 @@ def check_nifti(path: Path, rel: str) -> list[Finding]:
     return out
 
 
+def _harmless(value: object) -> bool:
+    """Empty, a keyed pseudonym, a keyed UID, or a number: nothing a PHI-named field could leak."""
+    if value in (None, "", [], {}) or isinstance(value, bool | int | float):
+        return True
+    return isinstance(value, str) and bool(PSEUDONYM.match(value) or KEYED_UID.match(value))
+
+
 def check_json(path: Path, rel: str) -> list[Finding]:
     try:
         text = path.read_text(encoding="utf-8")
@@ -271,7 +280,7 @@ def check_json(path: Path, rel: str) -> list[Finding]:
     def visit(node: object, where: str) -> None:
         if isinstance(node, dict):
             for k, v in node.items():
-                if PHI_KEY.search(str(k)) and v not in (None, "", [], {}):
+                if PHI_KEY.search(str(k)) and not _harmless(v):
                     out.append(Finding(rel, f"{where}.{k}", "json key", "identifying field"))
                 visit(v, f"{where}.{k}")
         elif isinstance(node, list):

@@ -1,0 +1,1 @@
+"""The site: the ``lsdm-node`` CLI and the orchestration of what a hospital runs."""

@@ -1,0 +1,17 @@
+"""Errors that are the user's to fix: the CLI prints them as one line and exits with status 2."""
+
+from __future__ import annotations
+
+from deid.scan import Finding
+
+
+class UserError(Exception):
+    """A bad path, a bad option or bad input; the message names what and where."""
+
+
+class ScanFailed(Exception):
+    """The last gate found identifying data in a run's output: nothing was published."""
+
+    def __init__(self, findings: list[Finding]):
+        self.findings = findings
+        super().__init__(f"the PHI scanner found {len(findings)} problem(s) in the output")
