@@ -56,8 +56,8 @@ class VQGANConfig(_Strict):
     adversarial_start_step: int = Field(
         200, ge=0, description="the discriminator and the adversarial terms start at this step"
     )
-    lr: float = 3e-4
-    disc_lr: float = 3e-4
+    lr: float = 1e-3
+    disc_lr: float = 1e-3
 
 
 class DiffusionConfig(_Strict):
