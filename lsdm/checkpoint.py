@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lsdm.atomic import atomic_path
+from lsdm.config import LSDMConfig
 from lsdm.errors import InputError
 
 
@@ -95,3 +96,21 @@ def load_checkpoint(
             return json.loads(header["metadata"])
     except (SafetensorError, OSError, KeyError, RuntimeError, ValueError) as err:
         raise InputError(f"checkpoint does not fit this model: {path}: {err}") from None
+
+
+def checkpoint_identity(config: LSDMConfig, labels: dict[int, str]) -> dict[str, Any]:
+    """The metadata that makes a checkpoint usable on its own: its configuration and vocabulary."""
+    return {"config": config.model_dump(mode="json"), "labels": labels}
+
+
+def read_identity(path: Path, kind: str) -> tuple[LSDMConfig, dict[int, str]]:
+    """Configuration and label vocabulary of a checkpoint of ``kind`` ("vqgan" or "ldm")."""
+    metadata = read_metadata(path)
+    if metadata.get("kind") != kind:
+        found = metadata.get("kind", "unknown")
+        raise InputError(f"not a {kind} checkpoint (it holds a {found} model): {path}")
+    try:
+        config = LSDMConfig.model_validate(metadata["config"])
+        return config, {int(k): v for k, v in metadata["labels"].items()}
+    except (KeyError, ValueError) as err:
+        raise InputError(f"checkpoint metadata is incomplete: {path}: {err}") from None

@@ -111,10 +111,10 @@ def train_vqgan(
 
     settings = _load_config(preset, config)
     if steps is not None:
-        settings = settings.with_overrides(train={"steps": steps})
+        settings = settings.with_overrides(train={"vqgan_steps": steps})
     data = open_cohort(cohort)  # every input problem is found before anything is written
     with progress_bar() as bar:
-        task = bar.add_task("vqgan", total=settings.train.steps, status="")
+        task = bar.add_task("vqgan", total=settings.train.vqgan_steps, status="")
 
         def show(done: int, total: int, losses: dict[str, float]) -> None:
             bar.update(task, completed=done, status=f"L1 {losses['recon_l1']:.4f}")

@@ -61,27 +61,39 @@ class VQGANConfig(_Strict):
 
 
 class DiffusionConfig(_Strict):
-    channels: tuple[int, ...] = (32, 64)
+    channels: tuple[int, ...] = Field((32, 64), description="UNet widths per level")
     attention_levels: tuple[bool, ...] = (False, False)
-    num_res_blocks: int = 1
+    num_res_blocks: int = Field(1, ge=1)
     num_head_channels: int = 8
-    timesteps: int = 1000
-    schedule: Literal["linear_beta", "scaled_linear_beta", "cosine"] = "scaled_linear_beta"
-    prediction: Literal["epsilon", "v_prediction"] = "epsilon"
+    norm_groups: int = Field(8, ge=1, description="GroupNorm groups; must divide every width")
+    spade_channels: int = Field(32, ge=1, description="hidden width of each SPADE block")
+    objective: Literal["ddpm", "rflow"] = Field(
+        "ddpm", description="ddpm: denoising diffusion, sampled with DDIM; rflow: rectified flow"
+    )
+    prediction: Literal["epsilon", "v_prediction"] = Field(
+        "epsilon", description="what a ddpm model predicts: the noise or the velocity v"
+    )
+    timesteps: int = Field(1000, ge=2)
+    schedule: Literal["linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine"] = "cosine"
     condition_dropout: float = Field(0.2, ge=0, le=1, description="share of null-map samples")
-    guidance_scale: float = 1.5
+    guidance_scale: float = Field(1.5, ge=0, description="classifier-free guidance at sampling")
+    sampling_steps: int = Field(25, ge=1)
     ema_decay: float = Field(0.995, gt=0, lt=1)
-    lr: float = 2e-4
+    batch_size: int = Field(8, ge=1)
+    lr: float = 1e-3
 
     @model_validator(mode="after")
     def _levels_match(self) -> DiffusionConfig:
         if len(self.channels) != len(self.attention_levels):
             raise ValueError("channels and attention_levels must have the same length")
+        if any(c % self.norm_groups for c in self.channels):
+            raise ValueError(f"norm_groups {self.norm_groups} must divide every channel width")
         return self
 
 
 class TrainConfig(_Strict):
-    steps: int = Field(400, ge=1)
+    vqgan_steps: int = Field(400, ge=1, description="total VQ-GAN training steps")
+    ldm_steps: int = Field(1500, ge=1, description="total latent diffusion training steps")
     seed: int = 0
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(100, ge=1)
@@ -125,11 +137,14 @@ PRESETS: dict[str, LSDMConfig] = {
             attention_levels=(False, True, True),
             num_res_blocks=2,
             num_head_channels=32,
-            timesteps=1000,
-            schedule="cosine",
+            norm_groups=32,
+            spade_channels=128,
+            batch_size=8,
             lr=1e-4,
         ),
-        train=TrainConfig(steps=100_000, log_every=50, checkpoint_every=1000),
+        train=TrainConfig(
+            vqgan_steps=100_000, ldm_steps=200_000, log_every=50, checkpoint_every=1000
+        ),
     ),
 }
 

@@ -12,7 +12,8 @@ from lsdm.atomic import staged_directory
 from lsdm.config import LSDMConfig
 from lsdm.data import open_cohort
 from lsdm.phantom import write_cohort
-from lsdm.train_vqgan import StepCallback, VQGANRun, train_vqgan
+from lsdm.train_vqgan import VQGANRun, train_vqgan
+from lsdm.training import StepCallback
 
 DEMO_SUBJECTS = 8
 

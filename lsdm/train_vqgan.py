@@ -1,14 +1,8 @@
-"""Central training of the VQ-GAN on one cohort, with checkpoints, metrics and exact resume.
-
-Resuming from step ``s`` gives the run an uninterrupted one would have had: model and optimiser
-state come from the checkpoint, the batch of every step is a function of the step
-(:class:`lsdm.data.StepBatchSampler`), and torch's random state is re-seeded per step.
-"""
+"""Central training of the VQ-GAN on one cohort, with checkpoints, metrics and exact resume
+(see :mod:`lsdm.training`)."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,16 +10,13 @@ import numpy as np
 import torch
 from monai.metrics import PSNRMetric
 
-from lsdm.checkpoint import load_checkpoint, save_checkpoint
+from lsdm.checkpoint import checkpoint_identity, load_checkpoint, read_identity, save_checkpoint
 from lsdm.cohort import NIFTI_SUFFIX, write_nifti
 from lsdm.config import LSDMConfig
 from lsdm.data import Cohort, make_dataset, make_loader
-from lsdm.errors import InputError
 from lsdm.preview import save_sheet
-from lsdm.run_folder import RunFolder
+from lsdm.training import StepCallback, begin_run, default_device, run_steps
 from lsdm.vqgan import VQGAN, make_optimisers, reconstruct, train_step
-
-StepCallback = Callable[[int, int, dict[str, float]], None]
 
 
 @dataclass
@@ -35,28 +26,12 @@ class VQGANRun:
     psnr: dict[str, float]  # reconstruction PSNR (dB, on the [-1, 1] scale) per previewed subject
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def step_seed(seed: int, step: int) -> int:
-    return seed * 1_000_003 + step
-
-
-def _checkpoint(run: RunFolder, model: VQGAN, optimisers, step: int) -> None:
-    model.calibrate_latent_scale()
-    save_checkpoint(
-        run.checkpoint_path,
-        {"vqgan": model},
-        {"autoencoder": optimisers.autoencoder, "discriminator": optimisers.discriminator},
-        {"kind": "vqgan", "step": step},
-    )
-
-
-def load_vqgan(path: Path, config: LSDMConfig, device: torch.device | str = "cpu") -> VQGAN:
+def load_vqgan(path: Path, device: torch.device | str = "cpu") -> tuple[VQGAN, LSDMConfig]:
+    """The trained VQ-GAN of a checkpoint (in eval mode) and the configuration it was made with."""
+    config, _ = read_identity(path, "vqgan")
     model = VQGAN(config.vqgan).to(device)
     load_checkpoint(path, {"vqgan": model}, device=device)
-    return model.eval()
+    return model.eval(), config
 
 
 def train_vqgan(
@@ -67,57 +42,42 @@ def train_vqgan(
     on_step: StepCallback | None = None,
     device: torch.device | None = None,
 ) -> VQGANRun:
-    """Train for ``config.train.steps`` steps in all (a resumed run counts its earlier steps)."""
-    run = RunFolder(out)
-    run.check_can_start(resume)
+    """Train for ``config.train.vqgan_steps`` steps in all (a resumed run counts its earlier
+    steps); then reconstruct the first subjects into ``out/reconstructions`` and a preview."""
+    run, config = begin_run(out, config, cohort.labels, resume, "vqgan_steps")
     device = device or default_device()
-    steps = config.train.steps
-    if resume:
-        saved, labels = run.read_config()
-        if labels != cohort.labels:
-            raise InputError(f"cohort vocabulary {cohort.labels} differs from the run's {labels}")
-        config = saved.with_overrides(train={"steps": steps})
-    run.root.mkdir(parents=True, exist_ok=True)
-    run.write_config(config, cohort.labels)
-
-    seed = config.train.seed
+    steps, seed = config.train.vqgan_steps, config.train.seed
     torch.manual_seed(seed)
     model = VQGAN(config.vqgan).to(device)
     optimisers = make_optimisers(model)
+    named_optimisers = {
+        "autoencoder": optimisers.autoencoder,
+        "discriminator": optimisers.discriminator,
+    }
     start = 0
     if resume:
         start = load_checkpoint(
-            run.checkpoint_path,
-            {"vqgan": model},
-            {"autoencoder": optimisers.autoencoder, "discriminator": optimisers.discriminator},
-            device=device,
+            run.checkpoint_path, {"vqgan": model}, named_optimisers, device=device
         )["step"]
         run.forget_metrics_after(start)
 
+    def save(step: int) -> None:
+        model.calibrate_latent_scale()
+        metadata = {"kind": "vqgan", "step": step, **checkpoint_identity(config, cohort.labels)}
+        save_checkpoint(run.checkpoint_path, {"vqgan": model}, named_optimisers, metadata)
+
     dataset = make_dataset(cohort, config.data)
-    window: list[dict[str, float]] = []
-    window_start = time.perf_counter()
-    batches = make_loader(dataset, config.data, seed, start, steps)
-    for step, batch in zip(range(start, steps), batches, strict=True):
-        torch.manual_seed(step_seed(seed, step))
-        losses = train_step(model, batch["image"].to(device), optimisers, step)
-        window.append(losses)
-        done = step + 1
-        if done % config.train.log_every == 0 or done == steps:
-            elapsed = time.perf_counter() - window_start
-            means = {k: float(np.mean([w[k] for w in window if k in w])) for k in window[-1]}
-            run.log(
-                {
-                    "step": done,
-                    **means,
-                    "volumes_per_s": len(window) * config.data.batch_size / elapsed,
-                }
-            )
-            window, window_start = [], time.perf_counter()
-        if done % config.train.checkpoint_every == 0 or done == steps:
-            _checkpoint(run, model, optimisers, done)
-        if on_step is not None:
-            on_step(done, steps, losses)
+    run_steps(
+        run,
+        config,
+        start,
+        steps,
+        make_loader(dataset, config.data, seed, start, steps),
+        lambda step, batch: train_step(model, batch["image"].to(device), optimisers, step),
+        save,
+        config.data.batch_size,
+        on_step,
+    )
     psnr = write_reconstructions(model, dataset, cohort, config, out)
     return VQGANRun(model=model, step=max(start, steps), psnr=psnr)
 

@@ -12,6 +12,6 @@ def small_config(steps: int, **vqgan) -> LSDMConfig:
     """The tiny preset on SMALL_SHAPE volumes, trained for ``steps`` steps."""
     return preset("tiny").with_overrides(
         data={"shape": SMALL_SHAPE, "batch_size": 2},
-        train={"steps": steps, "log_every": 5, "checkpoint_every": 10, "preview_subjects": 2},
+        train={"vqgan_steps": steps, "log_every": 5, "checkpoint_every": 10, "preview_subjects": 2},
         vqgan=vqgan,
     )
