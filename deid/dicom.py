@@ -19,7 +19,7 @@ from pydicom.datadict import keyword_for_tag
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, UID_dictionary
+from pydicom.uid import ExplicitVRLittleEndian, UID_dictionary
 
 from deid.keys import SiteKeys
 from deid.profile import action_table, basic_action, resolve
@@ -37,6 +37,9 @@ DUMMY_BY_VR: dict[str, object] = {
     "US": 0, "SS": 0, "UL": 0, "SL": 0, "FL": 0.0, "FD": 0.0, "UV": 0, "SV": 0,
 }  # fmt: skip
 DUMMY_VALUES = frozenset(str(v) for v in DUMMY_BY_VR.values()) | {""}
+# Our implementation's UID (UUID-derived arc): pydicom's own root would equal the org root that
+# InstanceCreatorUID holds in files pydicom wrote, and a UID must never be echoed from an input.
+IMPLEMENTATION_CLASS_UID = "2.25.208421736598410389712904632257418403521"
 TEXT_VRS = frozenset({"LO", "SH", "ST", "LT", "UT", "UC", "PN"})
 # File-meta elements that may carry the sending site's identity.
 _META_DROP = ("SourceApplicationEntityTitle", "SendingApplicationEntityTitle",
@@ -86,6 +89,8 @@ def _known_identifiers(ds: Dataset) -> frozenset[str]:
 
     def visit(d: Dataset, elem: DataElement) -> None:
         kw = elem.keyword or ""
+        if elem.VR in ("UI", "SQ"):
+            return
         if elem.VR == "PN" or kw.endswith("ID") or "Institution" in kw or kw in (
             "AccessionNumber", "StationName", "OtherPatientNames", "PatientAddress",
         ):  # fmt: skip
@@ -403,7 +408,7 @@ class Deidentifier:
             meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         if "SOPClassUID" in ds:
             meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+        meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
         meta.ImplementationVersionName = "MED-LSDM-DEID"
         if "TransferSyntaxUID" not in meta:
             meta.TransferSyntaxUID = ExplicitVRLittleEndian

@@ -26,8 +26,8 @@ app = typer.Typer(
 )
 policy_app = typer.Typer(help="Show and check site and federation policies.", no_args_is_help=True)
 app.add_typer(policy_app, name="policy")
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 KeysOpt = Annotated[
     Path | None,
@@ -203,21 +203,21 @@ def scan(
 ) -> None:
     """Report identifying data in DICOM, NIfTI headers, JSON and file names. Exit 1 if any."""
     from deid.files import NotDicom, iter_files, read_dicom
-    from deid.scan import identifying_values, scan_path
+    from deid.scan import KnownValues, scan_path
 
     if not folder.exists():
         raise UserError(f"not found: {folder}")
     if originals is not None and not originals.exists():
         raise UserError(f"not found: {originals}")
     site_policy = load_site_policy(policy)
-    known: set[str] = set()
+    known = KnownValues()
     if originals is not None:
         for path in iter_files(originals):
             try:
-                known |= identifying_values(read_dicom(path, header_only=True))
+                known.add(read_dicom(path, header_only=True))
             except NotDicom:
                 continue
-    findings = scan_path(folder, policy=site_policy, known_values=known)
+    findings = scan_path(folder, policy=site_policy, known_values=known.values)
     if not findings:
         out.print(f"clean: no identifying data found in {folder}", markup=False)
         return

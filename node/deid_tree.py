@@ -12,7 +12,7 @@ from deid.audit import AUDIT_NAME, AuditLog
 from deid.dicom import Deidentifier, Quarantined
 from deid.files import NotDicom, Skipped, iter_files, read_dicom
 from deid.keys import SiteKeys, ensure_outside
-from deid.scan import identifying_values, scan_path
+from deid.scan import KnownValues, scan_path
 from lsdm.atomic import staged_directory
 from node.errors import ScanFailed, UserError
 from policies.site import SitePolicy
@@ -54,7 +54,7 @@ def deidentify_tree(
     """
     deid = Deidentifier(policy, keys)
     report = DeidTreeReport()
-    known: set[str] = set()
+    known = KnownValues()
     links: dict[str, dict] = {}
     files = list(iter_files(src))
     with staged_directory(out) as stage:
@@ -67,7 +67,7 @@ def deidentify_tree(
         for n, path in enumerate(files, 1):
             try:
                 ds = read_dicom(path)
-                known |= identifying_values(ds)
+                known.add(ds)
                 outcome = deid.apply(ds)
             except NotDicom as e:
                 report.skipped.append(Skipped(path, e.reason))
@@ -85,6 +85,12 @@ def deidentify_tree(
                 )
                 target = stage / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
+                if target.exists():  # the same SOP instance twice (e.g. in two encodings)
+                    report.skipped.append(Skipped(path, "duplicate of an instance already written"))
+                    audit.add("skipped", reason="duplicate SOP instance", instance=outcome.instance)
+                    if on_file is not None:
+                        on_file(n)
+                    continue
                 try:
                     ds.save_as(target, enforce_file_format=True)
                 except Exception as e:  # an object pydicom can read but not write back
@@ -101,7 +107,7 @@ def deidentify_tree(
             if on_file is not None:
                 on_file(n)
         audit.write()
-        findings = scan_path(stage, policy=policy, known_values=known)
+        findings = scan_path(stage, policy=policy, known_values=known.values)
         if findings:
             raise ScanFailed(findings)
         keys.append_links(links.values())

@@ -14,7 +14,7 @@ from deid.audit import AUDIT_NAME, AuditLog
 from deid.dicom import Deidentifier, Quarantined
 from deid.files import NotDicom, Skipped, iter_files, read_dicom
 from deid.keys import SiteKeys, ensure_outside
-from deid.scan import identifying_values, scan_path
+from deid.scan import KnownValues, scan_path
 from deid.volumes import (
     IMAGE_MODALITIES_EXCLUDED,
     VolumeError,
@@ -79,7 +79,7 @@ def _read_pairs(pairs: Path, maps_dir: Path | None) -> dict[str, Path]:
 
 
 def _group_input(
-    src: Path, deid: Deidentifier, known: set[str], report: PrepareReport, on_file
+    src: Path, deid: Deidentifier, known: KnownValues, report: PrepareReport, on_file
 ) -> tuple[dict[str, Series], dict[str, Path]]:
     series: dict[str, Series] = {}
     segs: dict[str, Path] = {}
@@ -92,7 +92,7 @@ def _group_input(
         finally:
             if on_file:
                 on_file(n)
-        known |= identifying_values(ds)
+        known.add(ds)
         modality = str(ds.get("Modality", "")).upper()
         if modality == "SEG":
             ref = seg_referenced_series(ds)
@@ -187,7 +187,7 @@ def prepare_cohort(
 
     deid = Deidentifier(policy, keys)
     report = PrepareReport()
-    known: set[str] = set()
+    known = KnownValues()
     series, segs = _group_input(src, deid, known, report, on_file)
     pair_table = _read_pairs(pairs, maps_dir) if pairs is not None else {}
     sources, report.unpaired_maps = _map_sources(series, segs, maps_dir, pair_table)
@@ -258,7 +258,7 @@ def prepare_cohort(
         if covariates:
             (stage / COVARIATES_NAME).write_text(json.dumps(covariates, indent=2, sort_keys=True))
         audit.write()
-        findings = scan_path(stage, policy=policy, known_values=known)
+        findings = scan_path(stage, policy=policy, known_values=known.values)
         if findings:
             raise ScanFailed(findings)
         keys.append_links(links)
