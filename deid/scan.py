@@ -106,24 +106,44 @@ class KnownValues:
         self._kept: set[str] = set()
 
     def add(self, ds: Dataset) -> None:
-        ds.walk(self._visit)
+        self._walk(ds, removed=False)
 
     @property
     def values(self) -> set[str]:
-        return self._found - self._kept
+        kept = "\x00".join(self._kept)  # a value inside a kept one (OFFIS e.V. in its Manufacturer)
+        return {v for v in self._found if v not in kept}
 
-    def _visit(self, d: Dataset, elem: DataElement) -> None:
-        if elem.tag.is_private or elem.VR in ("SQ", "OB", "OW", "UN"):
+    def _walk(self, ds: Dataset, removed: bool) -> None:
+        for elem in ds:
+            if elem.tag.is_private:
+                continue
+            action = basic_action(int(elem.tag))
+            if elem.VR == "SQ":
+                # Everything inside a sequence the profile removes is removed with it: values
+                # there are harvested, never counted as kept.
+                gone = removed or (action is not None and resolve(action, "SQ") in ("X", "Z", "D"))
+                for item in elem.value:
+                    self._walk(item, gone)
+            else:
+                self._visit(elem, action, removed)
+
+    def _visit(self, elem: DataElement, action: str | None, removed: bool) -> None:
+        if elem.VR in ("OB", "OW", "UN"):
             return
         kind = kind_of(elem)
-        action = basic_action(int(elem.tag))
-        if elem.VR == "CS" or (action is None and kind not in ("name", "date", "uid")):
+        if not removed and (
+            elem.VR == "CS" or (action is None and kind not in ("name", "date", "uid"))
+        ):
             self._kept.update(_values(elem))
+            return
+        if elem.VR == "CS":
             return
         if kind == "uid" and (action is None or "U" not in action):
             return  # class UIDs and transfer syntaxes are public constants
-        if kind not in ("name", "id", "date", "uid", "institution") or elem.VR == "TM":
+        if elem.VR == "TM":
             return  # a time of day alone identifies no one and collides with other numbers
+        if kind not in ("name", "id", "date", "uid", "institution") and not removed:
+            return
         for v in _values(elem):
             if v in DUMMY_VALUES or PSEUDONYM.match(v) or not any(c.isalnum() for c in v):
                 continue

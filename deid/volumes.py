@@ -159,8 +159,14 @@ def stack_geometry(frames: list[Frame], policy: VolumePolicy) -> tuple[list[Fram
     along = frames[-1].position - frames[0].position
     if np.linalg.norm(np.cross(along / np.linalg.norm(along), normal)) > 1e-2:
         raise VolumeError("slices are sheared (gantry tilt): not a regular grid")
+    step_vector = along / (len(frames) - 1)
+    tol_mm = 0.1 * min(first.spacing)
+    for k, f in enumerate(frames):
+        drift = f.position - (frames[0].position + k * step_vector)
+        if np.linalg.norm(drift - (drift @ normal) * normal) > tol_mm:
+            raise VolumeError(f"slice {k + 1} is displaced in-plane: not a regular grid")
     affine = np.eye(4)
-    affine[:3, 0] = along / (len(frames) - 1)
+    affine[:3, 0] = step_vector
     affine[:3, 1] = col_dir * first.spacing[0]
     affine[:3, 2] = row_dir * first.spacing[1]
     affine[:3, 3] = frames[0].position

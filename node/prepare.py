@@ -119,8 +119,24 @@ def _group_input(
                 deid.check_releasable(ds)
             except Quarantined as e:
                 s.quarantined = e.reason
-        s.characteristics = deid._retained_characteristics(ds)
+        retained = deid._retained_characteristics(ds)
+        s.characteristics = {
+            name: value
+            for name, value in (
+                ("sex", retained.get("PatientSex")),
+                ("age_band", _band_label(retained.get("PatientAge"))),
+            )
+            if value
+        }
     return series, segs
+
+
+def _band_label(age: str | None) -> str | None:
+    """``045Y`` -> ``45-49``; ``090Y`` -> ``90+``."""
+    if not age:
+        return None
+    start = int(age[:3])
+    return "90+" if start >= 90 else f"{start}-{start + 4}"
 
 
 def _map_sources(
