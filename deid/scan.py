@@ -363,9 +363,25 @@ class KnownValueSearch:
         return hits
 
 
-def check_known_values(path: Path, rel: str, search: KnownValueSearch) -> list[Finding]:
+def _without_pixel_data(data: bytes, pixels: bytes | None) -> bytes:
+    """The file's bytes less the Pixel Data value: names are not searched for in pixels (burned-in
+    text is handled by quarantine), and a megabyte of pixels costs more than everything else."""
+    if not pixels:
+        return data
+    for tag in (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10"):
+        start = data.rfind(pixels[:64])
+        if start != -1 and data[start : start + len(pixels)] == pixels:
+            header = data.rfind(tag, max(0, start - 16), start)
+            if header != -1:
+                return data[:header] + data[start + len(pixels) :]
+    return data
+
+
+def check_known_values(
+    path: Path, rel: str, search: KnownValueSearch, pixels: bytes | None = None
+) -> list[Finding]:
     """Byte-level search; gzip files are searched both as stored and decompressed."""
-    data = path.read_bytes()
+    data = _without_pixel_data(path.read_bytes(), pixels)
     blobs = [data, rel.encode("utf-8")]
     if data[:2] == b"\x1f\x8b":
         with contextlib.suppress(OSError, EOFError):
@@ -393,6 +409,7 @@ def scan_path(
         rel = path.name if root.is_file() else str(path.relative_to(root))
         findings.extend(check_filename(rel))
         name = path.name.lower()
+        pixels = None
         if name.endswith(NIFTI_SUFFIXES):
             findings.extend(check_nifti(path, rel))
         elif name.endswith((".json", ".jsonl")):
@@ -405,6 +422,8 @@ def scan_path(
                     findings.append(Finding(rel, "DICOM", "unreadable", e.reason))
             else:
                 findings.extend(checker.check(ds, rel))
+                value = ds.get("PixelData")
+                pixels = value if isinstance(value, bytes) and len(value) > 4096 else None
         if needles:
-            findings.extend(check_known_values(path, rel, needles))
+            findings.extend(check_known_values(path, rel, needles, pixels))
     return findings
