@@ -14,12 +14,13 @@ import numpy as np  # noqa: E402
 from lsdm.atomic import atomic_path  # noqa: E402
 
 
-def content_centre(volume: np.ndarray) -> tuple[int, int, int]:
-    """Per axis, the slice holding most of the brightest tenth of the voxels: it cuts through
-    the anatomy, where the geometric centre of a breast MRI falls between the breasts."""
-    bright = volume >= np.percentile(volume, 90)
+def content_centre(volume: np.ndarray, is_map: bool) -> tuple[int, int, int]:
+    """Per axis, the slice holding most of the content (a map's labelled voxels, or an image's
+    brightest tenth): it cuts through the anatomy, where the geometric centre of a breast MRI
+    falls between the breasts."""
+    content = volume > 0 if is_map else volume >= np.percentile(volume, 90)
     return tuple(
-        int(np.argmax(bright.sum(axis=tuple(a for a in range(3) if a != axis))))
+        int(np.argmax(content.sum(axis=tuple(a for a in range(3) if a != axis))))
         for axis in range(3)
     )
 
@@ -47,7 +48,8 @@ def save_sheet(
         len(rows), n_cols, figsize=(1.6 * n_cols, 1.8 * len(rows)), squeeze=False
     )
     for r, (row_title, volumes) in enumerate(rows):
-        centre = content_centre(np.asarray(volumes[0][1], dtype=np.float32))
+        first_title, first = volumes[0]
+        centre = content_centre(np.asarray(first, dtype=np.float32), first_title in label_columns)
         for v, (title, volume) in enumerate(volumes):
             is_map = title in label_columns
             lo, hi = (0, 4) if is_map else np.percentile(volume, [1, 99])

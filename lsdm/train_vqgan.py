@@ -19,6 +19,9 @@ from lsdm.training import StepCallback, begin_run, default_device, run_steps
 from lsdm.vqgan import VQGAN, make_optimisers, reconstruct, train_step
 
 
+CALIBRATION_SUBJECTS = 16  # volumes whose latents set the latent scaling at every checkpoint
+
+
 @dataclass
 class VQGANRun:
     model: VQGAN
@@ -61,12 +64,16 @@ def train_vqgan(
         )["step"]
         run.forget_metrics_after(start)
 
+    dataset = make_dataset(cohort, config.data)
+    calibration = torch.stack(
+        [dataset[i]["image"] for i in range(min(CALIBRATION_SUBJECTS, len(dataset)))]
+    ).to(device)
+
     def save(step: int) -> None:
-        model.calibrate_latent_scale()
+        model.calibrate_latent_scale(calibration)
         metadata = {"kind": "vqgan", "step": step, **checkpoint_identity(config, cohort.labels)}
         save_checkpoint(run.checkpoint_path, {"vqgan": model}, named_optimisers, metadata)
 
-    dataset = make_dataset(cohort, config.data)
     run_steps(
         run,
         config,

@@ -8,8 +8,11 @@ between the discriminator's intermediate features of real and reconstructed volu
 perceptual loss: every usable 3D feature network downloads weights at run time.
 
 The latent interface for the diffusion stage: :meth:`VQGAN.encode` gives the continuous
-pre-quantisation latent scaled to [-1, 1] by the codebook's value range; :meth:`VQGAN.decode`
-undoes the scaling, quantises and decodes. The range is a buffer, so it travels in checkpoints.
+pre-quantisation latent scaled to [-1, 1] per channel, by the range the training data's latents
+span; :meth:`VQGAN.decode` undoes the scaling, quantises and decodes. The range is a pair of
+buffers, so it travels in checkpoints. (The codebook's own range, which the published Med-LSDM
+code scales by, is useless with an EMA codebook: unused codes drift to values thousands of times
+larger than any encoding, which squeezes every real latent into a sliver of [-1, 1].)
 """
 
 from __future__ import annotations
@@ -56,9 +59,9 @@ class VQGAN(nn.Module):
             num_layers_d=config.disc_layers,
             norm=("INSTANCE", {"affine": True}),
         )
-        # The codebook's value range when last calibrated; see calibrate_latent_scale().
-        self.register_buffer("latent_low", torch.tensor(-1.0))
-        self.register_buffer("latent_high", torch.tensor(1.0))
+        # Per-channel range of the training latents; see calibrate_latent_scale().
+        self.register_buffer("latent_low", -torch.ones(config.embedding_dim))
+        self.register_buffer("latent_high", torch.ones(config.embedding_dim))
 
     @property
     def codebook(self) -> torch.Tensor:
@@ -66,20 +69,30 @@ class VQGAN(nn.Module):
         return self.autoencoder.quantizer.quantizer.embedding.weight
 
     @torch.no_grad()
-    def calibrate_latent_scale(self) -> None:
-        """Fix the latent scaling to the codebook's current value range (before saving)."""
-        self.latent_low.copy_(self.codebook.min())
-        self.latent_high.copy_(self.codebook.max())
+    def calibrate_latent_scale(self, images: torch.Tensor) -> None:
+        """Fix the latent scaling to the per-channel range of the encodings of ``images``
+        (a sample of the training volumes, ``(N, 1, D, H, W)``); done before every save."""
+        was_training = self.training
+        self.eval()
+        z = torch.cat([self.autoencoder.encode(chunk) for chunk in images.split(2)])
+        z = z.transpose(0, 1).flatten(1)
+        self.train(was_training)
+        self.latent_low.copy_(z.min(dim=1).values)
+        self.latent_high.copy_(torch.maximum(z.max(dim=1).values, self.latent_low + 1e-6))
+
+    def _range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (1, -1, 1, 1, 1)
+        return self.latent_low.view(shape), self.latent_high.view(shape)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Continuous pre-quantisation latent, scaled to [-1, 1] by the calibrated range."""
-        z = self.autoencoder.encode(images)
-        return (z - self.latent_low) / (self.latent_high - self.latent_low) * 2.0 - 1.0
+        """Continuous pre-quantisation latent ``(B, E, D/4, H/4, W/4)``, scaled to [-1, 1]."""
+        low, high = self._range()
+        return (self.autoencoder.encode(images) - low) / (high - low) * 2.0 - 1.0
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Unscale, quantise to the nearest codes and decode to ``(B, 1, D, H, W)``."""
-        z = (latents + 1.0) / 2.0 * (self.latent_high - self.latent_low) + self.latent_low
-        quantised, _ = self.autoencoder.quantize(z)
+        low, high = self._range()
+        quantised, _ = self.autoencoder.quantize((latents + 1.0) / 2.0 * (high - low) + low)
         return self.autoencoder.decode(quantised)
 
 
