@@ -61,14 +61,14 @@ class VQGANConfig(_Strict):
 
 
 class DiffusionConfig(_Strict):
-    channels: tuple[int, ...] = Field((32, 64), description="UNet widths per level")
+    channels: tuple[int, ...] = Field((16, 32), description="UNet widths per level")
     attention_levels: tuple[bool, ...] = (False, False)
     num_res_blocks: int = Field(1, ge=1)
     num_head_channels: int = 8
     norm_groups: int = Field(8, ge=1, description="GroupNorm groups; must divide every width")
-    spade_channels: int = Field(32, ge=1, description="hidden width of each SPADE block")
+    spade_channels: int = Field(16, ge=1, description="hidden width of each SPADE block")
     objective: Literal["ddpm", "rflow"] = Field(
-        "ddpm", description="ddpm: denoising diffusion, sampled with DDIM; rflow: rectified flow"
+        "rflow", description="ddpm: denoising diffusion, sampled with DDIM; rflow: rectified flow"
     )
     prediction: Literal["epsilon", "v_prediction"] = Field(
         "epsilon", description="what a ddpm model predicts: the noise or the velocity v"
@@ -106,6 +106,16 @@ class LSDMConfig(_Strict):
     vqgan: VQGANConfig = VQGANConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
     train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _shape_fits_both_networks(self) -> LSDMConfig:
+        factor = 4 * 2 ** (len(self.diffusion.channels) - 1)  # VQ-GAN 4x, then the UNet levels
+        if any(n % factor for n in self.data.shape):
+            raise ValueError(
+                f"shape {self.data.shape}: every side must be divisible by {factor} "
+                f"(4 for the VQ-GAN times 2 per extra UNet level)"
+            )
+        return self
 
     def with_overrides(self, **sections: dict) -> LSDMConfig:
         """A copy with some fields of some sections replaced, validated again."""

@@ -18,7 +18,6 @@ from lsdm.preview import save_sheet
 from lsdm.training import StepCallback, begin_run, default_device, run_steps
 from lsdm.vqgan import VQGAN, make_optimisers, reconstruct, train_step
 
-
 CALIBRATION_SUBJECTS = 16  # volumes whose latents set the latent scaling at every checkpoint
 
 

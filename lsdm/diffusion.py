@@ -1,0 +1,180 @@
+"""Latent semantic diffusion: MONAI's 3D ``SPADEDiffusionModelUNet`` on the VQ-GAN's latents,
+conditioned on the one-hot semantic map at full resolution (SPADE resizes it to every feature map).
+
+Objectives (``DiffusionConfig.objective``):
+
+- ``ddpm``: the DDPM noising process; the network predicts the noise ε or the velocity v
+  (``prediction``); sampled with DDIM in few steps.
+- ``rflow``: rectified flow, ``x_t = (1 - t) x_0 + t ε``; the network predicts ``x_0 - ε``;
+  sampled with Euler steps.
+
+Classifier-free guidance is trained, not assumed: each training sample's map is replaced by the
+null map (all zeros) with probability ``condition_dropout``, so the network also learns the
+unconditional prediction. At sampling, ``out = out_null + s (out_map - out_null)``, both halves in
+one batched forward pass. An exponential moving average of the weights is kept and samples.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import SPADEDiffusionModelUNet
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from lsdm.config import DiffusionConfig
+
+
+class LatentDiffusion(nn.Module):
+    """Denoiser of ``(B, E, d, h, w)`` latents given ``(B, L, D, H, W)`` one-hot maps, and the
+    moving average of its weights (``ema``) that sampling uses."""
+
+    def __init__(self, config: DiffusionConfig, latent_channels: int, num_labels: int):
+        super().__init__()
+        self.config = config
+        self.num_labels = num_labels
+        self.unet = SPADEDiffusionModelUNet(
+            spatial_dims=3,
+            in_channels=latent_channels,
+            out_channels=latent_channels,
+            label_nc=num_labels,
+            channels=config.channels,
+            attention_levels=config.attention_levels,
+            num_res_blocks=config.num_res_blocks,
+            num_head_channels=config.num_head_channels,
+            norm_num_groups=config.norm_groups,
+            spade_intermediate_channels=config.spade_channels,
+        )
+        self.ema = AveragedModel(
+            self.unet, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True
+        )
+        self.ema.requires_grad_(False)
+
+    @property
+    def downsampling(self) -> int:
+        """Each latent side must be divisible by this (the UNet halves it per level)."""
+        return 2 ** (len(self.config.channels) - 1)
+
+
+@functools.cache
+def training_scheduler(config: DiffusionConfig):
+    """The noising process of training (MONAI schedulers are modules, some without module state,
+    so they are kept beside the model rather than inside it)."""
+    if config.objective == "rflow":
+        return RFlowScheduler(num_train_timesteps=config.timesteps, use_discrete_timesteps=True)
+    return DDPMScheduler(
+        num_train_timesteps=config.timesteps,
+        schedule=config.schedule,
+        prediction_type=config.prediction,
+    )
+
+
+def null_maps_for(maps: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    """``maps`` with the samples where ``drop`` (shape (B,), bool) is true set to the null map."""
+    return maps * (~drop).to(maps.dtype).view(-1, *([1] * (maps.ndim - 1)))
+
+
+def diffusion_loss(model: LatentDiffusion, latents: torch.Tensor, maps: torch.Tensor):
+    """The training loss on a batch of clean latents and their (possibly null) maps."""
+    scheduler = training_scheduler(model.config)
+    noise = torch.randn_like(latents)
+    if model.config.objective == "rflow":
+        timesteps = scheduler.sample_timesteps(latents)
+        target = latents - noise
+    else:
+        timesteps = torch.randint(
+            0, model.config.timesteps, (latents.shape[0],), device=latents.device
+        )
+        target = (
+            noise
+            if model.config.prediction == "epsilon"
+            else scheduler.get_velocity(latents, noise, timesteps)
+        )
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    prediction = model.unet(noisy, timesteps, seg=maps)
+    return F.mse_loss(prediction.float(), target.float())
+
+
+def train_step(
+    model: LatentDiffusion,
+    latents: torch.Tensor,
+    maps: torch.Tensor,
+    optimiser: torch.optim.Optimizer,
+) -> dict[str, float]:
+    """One update on ``latents`` (B, E, d, h, w) in [-1, 1] and one-hot ``maps`` (B, L, D, H, W);
+    a ``condition_dropout`` share of the maps is nulled first. Updates the moving average too.
+
+    The same function serves central training, a federated site's round and the benchmark.
+    """
+    model.unet.train()
+    drop = torch.rand(latents.shape[0], device=latents.device) < model.config.condition_dropout
+    loss = diffusion_loss(model, latents, null_maps_for(maps, drop))
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    optimiser.step()
+    model.ema.update_parameters(model.unet)
+    return {"loss": loss.item(), "null_share": drop.float().mean().item()}
+
+
+def make_optimiser(model: LatentDiffusion) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.unet.parameters(), lr=model.config.lr, weight_decay=0.0)
+
+
+def guided_prediction(
+    network: nn.Module,
+    latents: torch.Tensor,
+    timestep: torch.Tensor | int,
+    maps: torch.Tensor,
+    guidance_scale: float,
+) -> torch.Tensor:
+    """``out_null + s (out_map - out_null)``; both halves in one forward pass of batch 2B.
+
+    ``s = 1`` is the conditional prediction alone and ``s = 0`` the unconditional one: each needs
+    one half only, so only that half is run.
+    """
+    batch = latents.shape[0]
+    if guidance_scale in (0.0, 1.0):
+        seg = maps if guidance_scale == 1.0 else torch.zeros_like(maps)
+        t = torch.full((batch,), int(timestep), device=latents.device, dtype=torch.long)
+        return network(latents, t, seg=seg)
+    t = torch.full((2 * batch,), int(timestep), device=latents.device, dtype=torch.long)
+    both = network(torch.cat([latents, latents]), t, seg=torch.cat([maps, torch.zeros_like(maps)]))
+    conditional, unconditional = both.chunk(2)
+    return unconditional + guidance_scale * (conditional - unconditional)
+
+
+@torch.no_grad()
+def sample_latents(
+    model: LatentDiffusion,
+    maps: torch.Tensor,
+    noise: torch.Tensor,
+    steps: int,
+    guidance_scale: float,
+) -> torch.Tensor:
+    """Denoise ``noise`` (B, E, d, h, w) into latents following ``maps`` with the EMA weights,
+    in ``steps`` DDIM (deterministic, η = 0) or rectified-flow Euler steps."""
+    config = model.config
+    network = model.ema.module.eval()
+    x = noise
+    if config.objective == "rflow":
+        scheduler = RFlowScheduler(num_train_timesteps=config.timesteps)
+        scheduler.set_timesteps(steps, device=noise.device)
+        timesteps = [int(t) for t in scheduler.timesteps]
+        for i, t in enumerate(timesteps):
+            next_t = timesteps[i + 1] if i + 1 < len(timesteps) else 0
+            velocity = guided_prediction(network, x, t, maps, guidance_scale)
+            x, _ = scheduler.step(velocity, t, x, next_t)
+        return x
+    scheduler = DDIMScheduler(
+        num_train_timesteps=config.timesteps,
+        schedule=config.schedule,
+        prediction_type=config.prediction,
+        clip_sample=True,  # latents live in [-1, 1]: keep the predicted x_0 there
+    )
+    scheduler.set_timesteps(steps, device=noise.device)
+    for t in scheduler.timesteps:
+        x, _ = scheduler.step(guided_prediction(network, x, t, maps, guidance_scale), int(t), x)
+    return x

@@ -1,0 +1,191 @@
+"""The generator: semantic maps in, synthetic volumes out (a pipeline of VQ-GAN, diffusion model
+and sampler, after the diffusers layout: network, schedule and loop are separate things).
+
+A map is generated at its own resolution, in RAS orientation (as the models were trained), and
+the volume is turned back to the map's voxel order and written with the map's own affine, so it
+overlays its map exactly. Any map whose sides the networks can halve often enough is accepted.
+
+Every map gets its own noise, seeded by the run seed and the map's id, so a volume depends only
+on (seed, map, steps, guidance): not on batch composition, and not on whether the run was resumed.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+
+from lsdm.cohort import IMAGES_DIR, MAPS_DIR, NIFTI_SUFFIX, subject_id, write_nifti
+from lsdm.config import LSDMConfig
+from lsdm.diffusion import LatentDiffusion, sample_latents
+from lsdm.errors import InputError
+from lsdm.train_ldm import file_sha256, load_ldm
+from lsdm.train_vqgan import load_vqgan
+from lsdm.training import default_device
+from lsdm.vqgan import VQGAN
+
+RAS = axcodes2ornt("RAS")
+
+
+@dataclass(frozen=True)
+class SemanticMap:
+    id: str
+    path: Path
+    labels: np.ndarray  # (D, H, W) integer labels, in RAS voxel order
+    affine: np.ndarray  # the file's own affine
+    to_file_order: np.ndarray  # nibabel orientation transform from RAS back to the file's order
+    original: np.ndarray  # the file's array, as written back beside the synthetic volume
+
+
+def map_seed(seed: int, map_id: str) -> int:
+    return (seed << 32) + zlib.crc32(map_id.encode())
+
+
+class Generator:
+    def __init__(
+        self,
+        vqgan: VQGAN,
+        ldm: LatentDiffusion,
+        config: LSDMConfig,
+        labels: dict[int, str],
+        device: torch.device | str = "cpu",
+    ):
+        self.vqgan, self.ldm = vqgan.to(device).eval(), ldm.to(device).eval()
+        self.config, self.labels, self.device = config, labels, torch.device(device)
+        self.vocabulary = np.array(sorted(labels))
+        self.size_factor = 4 * ldm.downsampling  # VQ-GAN 4x, then the UNet's levels
+
+    @classmethod
+    def from_checkpoints(
+        cls, vqgan_path: Path, ldm_path: Path, device: torch.device | str | None = None
+    ) -> Generator:
+        device = device or default_device()
+        ldm, config, labels, metadata = load_ldm(ldm_path, device)
+        if metadata.get("vqgan_sha256") != file_sha256(vqgan_path):
+            raise InputError(
+                f"the diffusion model was trained against another VQ-GAN: {vqgan_path}"
+            )
+        vqgan, _ = load_vqgan(vqgan_path, device)
+        return cls(vqgan, ldm, config, labels, device)
+
+    def read_map(self, path: Path) -> SemanticMap:
+        """Read and check a map file; raises :class:`InputError` naming the file when the model
+        cannot take it (unreadable, not 3D, non-integer, unknown labels, unsuitable shape)."""
+        try:
+            img = nib.load(path)
+            original = np.asarray(img.dataobj)
+        except Exception as err:
+            raise InputError(f"unreadable map {path}: {err}") from None
+        if original.ndim != 3:
+            raise InputError(f"map is not 3D (shape {original.shape}): {path}")
+        if not np.all(np.isfinite(original)) or not np.all(original == np.round(original)):
+            raise InputError(f"map has non-integer values: {path}")
+        unknown = np.setdiff1d(np.unique(original), self.vocabulary)
+        if unknown.size:
+            raise InputError(
+                f"map has labels {unknown.astype(int).tolist()} outside the model's vocabulary "
+                f"{self.vocabulary.tolist()}: {path}"
+            )
+        orientation = io_orientation(img.affine)
+        labels = apply_orientation(original, orientation)
+        if any(n % self.size_factor for n in labels.shape):
+            raise InputError(
+                f"map shape {labels.shape} (RAS) cannot be taken: every side must be divisible "
+                f"by {self.size_factor}: {path}"
+            )
+        return SemanticMap(
+            id=subject_id(Path(path)),
+            path=Path(path),
+            labels=labels.astype(np.int64),
+            affine=img.affine,
+            to_file_order=ornt_transform(RAS, orientation),
+            original=original,
+        )
+
+    def one_hot(self, labels: np.ndarray) -> torch.Tensor:
+        """(D, H, W) label values -> (L, D, H, W) one-hot over the vocabulary."""
+        index = torch.from_numpy(np.searchsorted(self.vocabulary, labels))
+        return F.one_hot(index, len(self.vocabulary)).permute(3, 0, 1, 2).float()
+
+    @torch.no_grad()
+    def generate(
+        self,
+        maps: torch.Tensor,
+        seeds: list[int],
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+    ) -> torch.Tensor:
+        """One-hot ``maps`` (B, L, D, H, W) -> volumes (B, 1, D, H, W) in [-1, 1]; sample ``i``
+        starts from noise seeded with ``seeds[i]``."""
+        steps = steps or self.config.diffusion.sampling_steps
+        if guidance_scale is None:
+            guidance_scale = self.config.diffusion.guidance_scale
+        latent_shape = (self.config.vqgan.embedding_dim, *(n // 4 for n in maps.shape[2:]))
+        noise = torch.stack(
+            [torch.randn(latent_shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
+        ).to(self.device)
+        latents = sample_latents(self.ldm, maps.to(self.device), noise, steps, guidance_scale)
+        return self.vqgan.decode(latents).clamp(-1.0, 1.0).cpu()
+
+    def generate_folder(
+        self,
+        maps_dir: Path,
+        out: Path,
+        seed: int = 0,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        batch_size: int | None = None,
+        on_done: Callable[[int, int], None] | None = None,
+    ) -> list[str]:
+        """Generate a volume for every ``*.nii.gz`` map in ``maps_dir`` (or ``maps_dir/maps``)
+        into ``out/images/<id>.nii.gz``, with the map used in ``out/maps/<id>.nii.gz``.
+
+        Every map is checked before anything is written. Maps whose volume already exists are
+        skipped, so an interrupted run resumes. Returns the ids generated now.
+        """
+        maps_dir = Path(maps_dir)
+        if (maps_dir / MAPS_DIR).is_dir():
+            maps_dir = maps_dir / MAPS_DIR
+        paths = sorted(maps_dir.glob(f"*{NIFTI_SUFFIX}"))
+        if not paths:
+            raise InputError(f"no maps (*{NIFTI_SUFFIX}) in {maps_dir}")
+        for path in paths:
+            self.read_map(path)  # all problems surface before the first file is written
+        out = Path(out)
+        todo = [p for p in paths if not (out / IMAGES_DIR / p.name).exists()]
+        batch_size = batch_size or self.config.diffusion.batch_size
+        by_shape: dict[tuple, list[SemanticMap]] = {}
+        for path in todo:
+            semantic_map = self.read_map(path)
+            by_shape.setdefault(semantic_map.labels.shape, []).append(semantic_map)
+        done = len(paths) - len(todo)
+        if on_done is not None:
+            on_done(done, len(paths))
+        for group in by_shape.values():
+            for first in range(0, len(group), batch_size):
+                batch = group[first : first + batch_size]
+                volumes = self.generate(
+                    torch.stack([self.one_hot(m.labels) for m in batch]),
+                    [map_seed(seed, m.id) for m in batch],
+                    steps,
+                    guidance_scale,
+                )
+                for semantic_map, volume in zip(batch, volumes, strict=True):
+                    image = apply_orientation(volume[0].numpy(), semantic_map.to_file_order)
+                    name = f"{semantic_map.id}{NIFTI_SUFFIX}"
+                    write_nifti(out / MAPS_DIR / name, semantic_map.original, semantic_map.affine)
+                    # the image last: its presence marks the map as done
+                    write_nifti(
+                        out / IMAGES_DIR / name, image.astype(np.float32), semantic_map.affine
+                    )
+                done += len(batch)
+                if on_done is not None:
+                    on_done(done, len(paths))
+        return [p.name[: -len(NIFTI_SUFFIX)] for p in todo]
