@@ -183,6 +183,7 @@ def sample(
         if not path.is_file():
             raise InputError(f"no such checkpoint: {path}")
     generator = Generator.from_checkpoints(vqgan, ldm)
+    paths = generator.check_folder(maps)  # every map is checked before anything is written
     with progress_bar() as bar:
         task = bar.add_task("sampling", total=None, status="")
 
@@ -190,7 +191,7 @@ def sample(
             bar.update(task, completed=done, total=total)
 
         made = generator.generate_folder(
-            maps,
+            paths,
             out,
             seed=seed,
             steps=steps,

@@ -69,7 +69,7 @@ def run_demo(
     generator = Generator.from_checkpoints(vqgan_checkpoint, out / "ldm" / "checkpoint.safetensors")
     sampling = progress("sampling", len(heldout.ids))
     generator.generate_folder(
-        out / "heldout",
+        generator.check_folder(out / "heldout"),
         out / "synthetic",
         on_done=(lambda done, total: sampling(done, total, {})) if sampling else None,
     )

@@ -134,22 +134,9 @@ class Generator:
         latents = sample_latents(self.ldm, maps.to(self.device), noise, steps, guidance_scale)
         return self.vqgan.decode(latents).clamp(-1.0, 1.0).cpu()
 
-    def generate_folder(
-        self,
-        maps_dir: Path,
-        out: Path,
-        seed: int = 0,
-        steps: int | None = None,
-        guidance_scale: float | None = None,
-        batch_size: int | None = None,
-        on_done: Callable[[int, int], None] | None = None,
-    ) -> list[str]:
-        """Generate a volume for every ``*.nii.gz`` map in ``maps_dir`` (or ``maps_dir/maps``)
-        into ``out/images/<id>.nii.gz``, with the map used in ``out/maps/<id>.nii.gz``.
-
-        Every map is checked before anything is written. Maps whose volume already exists are
-        skipped, so an interrupted run resumes. Returns the ids generated now.
-        """
+    def check_folder(self, maps_dir: Path) -> list[Path]:
+        """The ``*.nii.gz`` maps of ``maps_dir`` (or ``maps_dir/maps``), every one checked; raises
+        :class:`InputError` on the first that the model cannot take."""
         maps_dir = Path(maps_dir)
         if (maps_dir / MAPS_DIR).is_dir():
             maps_dir = maps_dir / MAPS_DIR
@@ -157,7 +144,24 @@ class Generator:
         if not paths:
             raise InputError(f"no maps (*{NIFTI_SUFFIX}) in {maps_dir}")
         for path in paths:
-            self.read_map(path)  # all problems surface before the first file is written
+            self.read_map(path)
+        return paths
+
+    def generate_folder(
+        self,
+        paths: list[Path],
+        out: Path,
+        seed: int = 0,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        batch_size: int | None = None,
+        on_done: Callable[[int, int], None] | None = None,
+    ) -> list[str]:
+        """Generate a volume for every map of ``paths`` (from :meth:`check_folder`, so that all
+        problems surface before the first file is written) into ``out/images/<id>.nii.gz``, with
+        the map used in ``out/maps/<id>.nii.gz``. Maps whose volume already exists are skipped,
+        so an interrupted run resumes. Returns the ids generated now.
+        """
         out = Path(out)
         todo = [p for p in paths if not (out / IMAGES_DIR / p.name).exists()]
         batch_size = batch_size or self.config.diffusion.batch_size

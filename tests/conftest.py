@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from lsdm.data import open_cohort
 from lsdm.phantom import write_cohort
-from tests.helpers import SMALL_SHAPE
+from tests.helpers import CONDITIONING_SHAPE, SMALL_SHAPE, conditioning_config
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +25,31 @@ def small_cohort(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("small_cohort")
     write_cohort(out, subjects=6, shape=SMALL_SHAPE, seed=1)
     return out
+
+
+@dataclass(frozen=True)
+class TrainedModels:
+    cohort: Path
+    vqgan: Path  # checkpoint
+    ldm: Path  # checkpoint
+    ldm_run: Path
+
+
+@pytest.fixture(scope="session")
+def trained_models(tmp_path_factory) -> TrainedModels:
+    """A VQ-GAN and a latent diffusion model trained centrally on 8 phantom subjects (~75 s)."""
+    from lsdm.train_ldm import train_ldm
+    from lsdm.train_vqgan import train_vqgan
+
+    root = tmp_path_factory.mktemp("trained")
+    write_cohort(root / "cohort", subjects=8, shape=CONDITIONING_SHAPE, seed=1)
+    cohort = open_cohort(root / "cohort")
+    config = conditioning_config()
+    train_vqgan(cohort, config, root / "vqgan")
+    train_ldm(cohort, root / "vqgan" / "checkpoint.safetensors", config, root / "ldm")
+    return TrainedModels(
+        cohort=root / "cohort",
+        vqgan=root / "vqgan" / "checkpoint.safetensors",
+        ldm=root / "ldm" / "checkpoint.safetensors",
+        ldm_run=root / "ldm",
+    )
