@@ -30,7 +30,7 @@ format: $(INSTALLED)
 	$(BIN)/ruff check --fix .
 
 bench: $(INSTALLED)
-	$(BIN)/python bench/bench_vqgan.py
+	$(BIN)/python bench/bench_model.py --preset tiny --out bench/results/model_tiny_cpu.md
 
 clean:
 	rm -rf $(VENV) output

@@ -104,8 +104,10 @@ def train_vqgan(
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out.")] = False,
 ) -> None:
-    """Train the 3D VQ-GAN on a cohort; writes a safetensors checkpoint, metrics.jsonl,
-    reconstructions/ and preview.png into --out."""
+    """Train the 3D VQ-GAN on a cohort.
+
+    Writes a safetensors checkpoint, metrics.jsonl, reconstructions/ and preview.png into --out.
+    """
     from lsdm.data import open_cohort
     from lsdm.train_vqgan import train_vqgan as run_training
 
@@ -141,8 +143,10 @@ def train_ldm(
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out.")] = False,
 ) -> None:
-    """Train the latent diffusion model on a cohort's latents, against a frozen VQ-GAN; writes a
-    safetensors checkpoint and metrics.jsonl into --out."""
+    """Train the latent diffusion model on a cohort, against a frozen VQ-GAN.
+
+    Writes a safetensors checkpoint and metrics.jsonl into --out.
+    """
     from lsdm.data import open_cohort
     from lsdm.train_ldm import train_ldm as run_training
 
@@ -175,8 +179,10 @@ def sample(
     seed: Annotated[int, typer.Option(help="Seed: same seed and map give the same volume.")] = 0,
     batch_size: Annotated[int | None, typer.Option(min=1, help="Maps per batch.")] = None,
 ) -> None:
-    """Generate a synthetic volume for every map, in the map's own geometry. Outputs that
-    already exist are skipped, so an interrupted run resumes where it stopped."""
+    """Generate a synthetic volume for every map, in the map's own geometry.
+
+    Outputs that already exist are skipped, so an interrupted run resumes where it stopped.
+    """
     from lsdm.generate import Generator
 
     for path in (vqgan, ldm):
@@ -208,8 +214,11 @@ def demo(
     out: Annotated[Path, typer.Option(help="Folder for the demo's outputs (absent or empty).")],
     preset: Annotated[str, typer.Option(help="Named configuration: tiny or reference.")] = "tiny",
 ) -> None:
-    """The main job on built-in data: phantom cohort -> VQ-GAN -> latent diffusion -> synthetic
-    volumes from held-out phantom maps -> a sheet of map, real and synthetic side by side."""
+    """The main job on built-in phantom data, end to end.
+
+    Phantom cohort -> VQ-GAN -> latent diffusion -> synthetic volumes from held-out phantom
+    maps -> a sheet of map, real and synthetic side by side.
+    """
     from lsdm.demo import run_demo
 
     settings = _load_config(preset, None)

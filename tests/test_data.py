@@ -116,21 +116,21 @@ def test_folder_that_is_not_a_cohort(tmp_path):
 
 
 def test_good_cohort_yields_configured_tensors(cohort):
-    config = preset("tiny").with_overrides(data={"shape": (8, 12, 20), "batch_size": 2})
+    config = preset("tiny").with_overrides(data={"shape": (8, 8, 24), "batch_size": 2})
     data = open_cohort(cohort)
     assert data.labels == {0: "background", 1: "fat", 2: "fibroglandular", 3: "vessel", 4: "lesion"}
     dataset = make_dataset(data, config.data)
     batch = next(iter(make_loader(dataset, config.data)))
     image, one_hot = batch["image"], batch["map"]
-    # cropped along H (16 -> 12), padded along W (16 -> 20), same for image and map
-    assert image.shape == (2, 1, 8, 12, 20) and one_hot.shape == (2, 5, 8, 12, 20)
+    # cropped along H (16 -> 8), padded along W (16 -> 24), same for image and map
+    assert image.shape == (2, 1, 8, 8, 24) and one_hot.shape == (2, 5, 8, 8, 24)
     assert image.min() >= -1.0 and image.max() <= 1.0
     assert image.min() == -1.0 and image.max() == 1.0  # the percentile window spans [-1, 1]
-    torch.testing.assert_close(one_hot.sum(dim=1), torch.ones(2, 8, 12, 20))
+    torch.testing.assert_close(one_hot.sum(dim=1), torch.ones(2, 8, 8, 24))
     # the one-hot map is the file's map, cropped and padded the way the image was
     original = np.asarray(nib.load(data.pairs[0]["map"]).dataobj)
-    expected = np.zeros((8, 12, 20), dtype=np.int64)
-    expected[:, :, 2:18] = original[:, 2:14, :]
+    expected = np.zeros((8, 8, 24), dtype=np.int64)
+    expected[:, :, 4:20] = original[:, 4:12, :]
     np.testing.assert_array_equal(one_hot[0].argmax(0).numpy(), expected)
 
 
