@@ -29,7 +29,7 @@ from deid.profile import action_table, basic_action, resolve
 from policies.presets import STRICT
 from policies.site import SitePolicy
 
-PSEUDONYM = re.compile(r"^[a-z]-[a-z2-7]{16}$")
+PSEUDONYM = re.compile(r"^[a-z]-[a-z]{16}$")
 KEYED_UID = re.compile(r"^2\.25\.\d{1,39}$")
 # A calendar date as DICOM (YYYYMMDD) or ISO (YYYY-MM-DD) writes it, 1900-2099.
 DATE_PATTERN = re.compile(r"(?<!\d)(?:19|20)\d\d-?(?:0[1-9]|1[0-2])-?(?:0[1-9]|[12]\d|3[01])(?!\d)")

@@ -70,3 +70,16 @@ def test_scan_cli_exit_codes(tmp_path):
     assert clean.exit_code == 0 and clean.stdout.startswith("clean")
     missing = runner.invoke(app, ["scan", str(tmp_path / "nope")])
     assert missing.exit_code == 2 and missing.stderr.startswith("error: not found")
+
+
+def test_pseudonyms_never_look_like_identifiers(tmp_path):
+    """Keyed pseudonyms are letters only: no secret can make one read as a date, UID or record
+    number (a base32 pseudonym once held "746356" and failed a run's final scan)."""
+    from deid.keys import SiteKeys
+    from deid.scan import check_filename
+
+    keys = SiteKeys(tmp_path, bytes(range(32)))
+    names = [keys.pseudonym(kind, f"original-{i}") for kind in "pst" for i in range(2000)]
+    assert len(set(names)) == len(names)
+    assert all(name[2:].isalpha() and len(name) == 18 for name in names)
+    assert not [n for n in names if check_filename(f"{n}/{n}.dcm")]
