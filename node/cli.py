@@ -315,3 +315,54 @@ def phantom_pacs(
         raise UserError(f"every side of --shape must be at least 4: {shape}")
     uids = write_phantom_pacs(out_dir, subjects=subjects, shape=shape, seed=seed, enhanced=enhanced)
     out.print(f"wrote {len(uids)} phantom series to {out_dir}/dicom and maps to {out_dir}/maps")
+
+
+# -- federation: keygen, join ----------------------------------------------------------------------
+@app.command()
+@user_errors
+def keygen(
+    folder: Annotated[Path, typer.Argument(help="folder for site_key and site_key.pub")],
+) -> None:
+    """Make the site's federation key pair; give site_key.pub to the coordinator."""
+    from node.keygen import make_site_key
+
+    private, public = make_site_key(folder)
+    out.print(f"private key: {private} (mode 0600, stays at the site)", markup=False)
+    out.print(
+        f"public key:  {public} (send to the coordinator: lsdm-server register)", markup=False
+    )
+
+
+@app.command()
+@user_errors
+def join(
+    server: Annotated[str, typer.Option("--server", help="the coordinator's HOST:PORT")],
+    ca: Annotated[Path, typer.Option("--ca", help="the coordinator's CA certificate (ca.pem)")],
+    key: Annotated[Path, typer.Option("--key", help="the site's private key (lsdm-node keygen)")],
+    cohort: Annotated[Path, typer.Option("--cohort", help="the de-identified cohort folder")],
+    policy: PolicyOpt = DEFAULT_SITE_POLICY,
+    workdir: Annotated[
+        Path | None,
+        typer.Option(help="folder for the site's round state (default: COHORT/../federation)"),
+    ] = None,
+    threads: Annotated[int, typer.Option(min=1, help="CPU threads for local training")] = 1,
+) -> None:
+    """Join a federation: run a Flower SuperNode that trains on the cohort each round.
+
+    Only weights and aggregate metrics (sample count, mean losses) leave the site. The node
+    refuses apps that carry code, rounds its policy rules out and a foreign label vocabulary;
+    it reconnects by itself when the coordinator restarts.
+    """
+    from node.join import JoinSpec
+    from node.join import join as run_join
+
+    spec = JoinSpec(
+        server=server,
+        ca=ca,
+        key=key,
+        cohort=cohort,
+        policy=policy,
+        workdir=workdir or cohort.resolve().parent / f"{cohort.resolve().name}-federation",
+        threads=threads,
+    )
+    raise typer.Exit(run_join(spec))

@@ -1,0 +1,116 @@
+"""``lsdm-node join``: run a Flower SuperNode for this site.
+
+The SuperNode connects out to the coordinator over TLS (the coordinator's CA only), proves the
+site's identity with its key, and runs the installed ClientApp (:mod:`node.client_app`) behind
+the app guard (:mod:`node.app_guard`). It retries the connection by itself, so a coordinator
+restart is ridden out.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from node.errors import UserError
+
+
+@dataclass(frozen=True)
+class JoinSpec:
+    server: str
+    ca: Path
+    key: Path
+    cohort: Path
+    policy: str
+    workdir: Path
+    threads: int = 1
+    runtime_port: int | None = None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check_join(spec: JoinSpec) -> None:
+    """Everything a site can check before it connects; raises :class:`UserError`."""
+    from lsdm.data import open_cohort
+    from lsdm.errors import InputError
+    from policies import load_site_policy
+
+    if ":" not in spec.server:
+        raise UserError(f"--server must be HOST:PORT, not {spec.server!r}")
+    for path, what in ((spec.ca, "CA certificate"), (spec.key, "site key")):
+        if not Path(path).is_file():
+            raise UserError(f"no such {what}: {path}")
+    try:
+        open_cohort(spec.cohort)
+    except InputError as e:
+        raise UserError(str(e)) from None
+    policy = load_site_policy(spec.policy)
+    if policy.dp.enabled:
+        raise UserError(
+            f"policy {policy.name!r} requires differential privacy, which this node cannot "
+            "provide yet (DP-SGD is not implemented); use a policy with dp.enabled: false"
+        )
+
+
+def _toml_string(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def supernode_command(spec: JoinSpec) -> tuple[list[str], dict[str, str]]:
+    """The ``flower-supernode`` command line and environment for ``spec``."""
+    workdir = Path(spec.workdir).resolve()
+    shim = workdir / "bin"
+    shim.mkdir(parents=True, exist_ok=True)
+    script = shim / "flwr-clientapp"
+    script.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m node.app_guard "$@"\n')
+    script.chmod(script.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    node_config = " ".join(
+        [
+            f"cohort={_toml_string(str(Path(spec.cohort).resolve()))}",
+            f"policy={_toml_string(str(spec.policy))}",
+            f"workdir={_toml_string(str(workdir / 'rounds'))}",
+            f"threads={spec.threads}",
+        ]
+    )
+    supernode = shutil.which("flower-supernode", path=str(Path(sys.executable).parent))
+    command = [
+        supernode or "flower-supernode",
+        "--superlink",
+        spec.server,
+        "--root-certificates",
+        str(Path(spec.ca).resolve()),
+        "--auth-supernode-private-key",
+        str(Path(spec.key).resolve()),
+        "--node-config",
+        node_config,
+        "--port",
+        str(spec.runtime_port or free_port()),
+    ]
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(shim), str(Path(sys.executable).parent), env["PATH"]])
+    env["FLWR_HOME"] = str(workdir / "flwr-home")
+    return command, env
+
+
+def join(spec: JoinSpec) -> int:
+    """Run the SuperNode until it stops; returns its exit status."""
+    check_join(spec)
+    command, env = supernode_command(spec)
+    process = subprocess.Popen(command, env=env)
+    # stopping join stops the SuperNode (which stops its own children)
+    signal.signal(signal.SIGTERM, lambda *_: process.terminate())
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        process.terminate()
+        return process.wait(timeout=30)

@@ -1,0 +1,182 @@
+"""``lsdm-server``: what a coordinator runs. Thin: parse, call one function, print."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    help="Med-LSDM coordinator: set up a federation, register sites, run federated training.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+DirArg = Annotated[Path, typer.Argument(help="the coordinator folder")]
+
+
+def user_errors(fn: Callable) -> Callable:
+    """A user's mistake is one line on stderr and exit status 2, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from lsdm.errors import InputError
+        from policies import PolicyError
+
+        try:
+            return fn(*args, **kwargs)
+        except (InputError, PolicyError, FileExistsError, ValueError) as e:
+            err.print(f"error: {e}", markup=False, highlight=False)
+            raise typer.Exit(2) from None
+        except OSError as e:
+            err.print(f"error: {e.strerror or e}: {e.filename or ''}", markup=False)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@app.command()
+@user_errors
+def init(
+    folder: DirArg,
+    host: Annotated[
+        list[str],
+        typer.Option(
+            "--host",
+            help="a name or address sites will use to reach this coordinator "
+            "(repeat for several; localhost and 127.0.0.1 are always included)",
+        ),
+    ] = ["localhost"],  # noqa: B006 (typer reads the default, never mutates it)
+    policy: Annotated[
+        str, typer.Option("--policy", help="federation policy: a preset name or a policy file")
+    ] = "federation",
+) -> None:
+    """Make a coordinator folder: CA and server certificate, signing key, federation policy,
+    settings, and the code-free Flower app."""
+    import yaml
+
+    from lsdm.atomic import atomic_write_text, staged_directory
+    from policies import FederationPolicy, load_policy, policy_to_yaml
+    from server.pki import make_signing_key, make_tls
+    from server.settings import APP_PYPROJECT, CoordinatorSettings
+
+    federation = load_policy(policy)
+    if not isinstance(federation, FederationPolicy):
+        raise ValueError(f"{policy} is a site policy; a federation policy is needed here")
+    settings = CoordinatorSettings(hosts=host)
+    with staged_directory(folder) as stage:
+        make_tls(stage / "tls", federation.name, settings.hosts)
+        make_signing_key(stage / "signing.key")
+        atomic_write_text(stage / "federation.yaml", policy_to_yaml(federation))
+        atomic_write_text(
+            stage / "coordinator.yaml",
+            yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False),
+        )
+        atomic_write_text(stage / "app" / "pyproject.toml", APP_PYPROJECT)
+        (stage / "sites").mkdir()
+        (stage / "state").mkdir()
+    out.print(f"coordinator folder: {folder}")
+    out.print(
+        f"give sites: {folder / 'tls' / 'ca.pem'}; register their keys with lsdm-server register"
+    )
+
+
+@app.command()
+@user_errors
+def register(
+    folder: DirArg,
+    key: Annotated[Path, typer.Argument(help="the site's public key (from lsdm-node keygen)")],
+    name: Annotated[str, typer.Option("--name", help="the site's name (letters, digits, -_)")],
+) -> None:
+    """Allow a site in: record its public key under a name."""
+    import re
+
+    from lsdm.atomic import atomic_path
+    from server.pki import read_site_public_key
+    from server.settings import Coordinator
+
+    coordinator = Coordinator(folder)
+    coordinator.check()
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", name):
+        raise ValueError(f"site name {name!r}: use 1-64 letters, digits, - or _")
+    data = read_site_public_key(key)
+    target = coordinator.sites / f"{name}.pub"
+    if target.exists():
+        raise FileExistsError(f"a site named {name} is registered already: {target}")
+    for other, path in coordinator.registered_sites().items():
+        if path.read_bytes().strip() == data.strip():
+            raise ValueError(f"this key is registered already, as {other}")
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+    out.print(f"registered {name} (takes effect at the next lsdm-server serve)")
+
+
+@app.command()
+@user_errors
+def sites(folder: DirArg) -> None:
+    """List the registered sites."""
+    from server.settings import Coordinator
+
+    coordinator = Coordinator(folder)
+    coordinator.check()
+    table = Table("site", "key")
+    for name, path in coordinator.registered_sites().items():
+        kind, blob = path.read_text().split()[:2]
+        table.add_row(name, f"{kind} …{blob[-16:]}")
+    out.print(table)
+
+
+def _print_event(entry: dict) -> None:
+    event = entry.get("event")
+    if event == "listening":
+        out.print(
+            f"listening on {entry['address']} (fleet API only); sites: "
+            f"{', '.join(entry['sites']) or 'none registered'}"
+        )
+    elif event == "run":
+        out.print(f"training run {entry['run_id']} started")
+    elif event == "start":
+        out.print(f"rounds {entry['after_round'] + 1}..{entry['total_rounds']} to go")
+    elif event == "calibrated":
+        out.print(f"latent scale agreed by {', '.join(entry['sites'])}")
+    elif event == "round":
+        losses = "; ".join(
+            f"{site}: n={m['num_samples']} "
+            + " ".join(f"{k}={v:.4g}" for k, v in m.items() if k != "num_samples")
+            for site, m in entry["accepted"].items()
+        )
+        out.print(
+            f"round {entry['round']} ({entry['phase']}) {entry['outcome']}: {losses}", markup=False
+        )
+        for site, reason in entry["rejected"].items():
+            out.print(f"  {site}: {reason}", markup=False)
+    elif event == "finished":
+        out.print(f"finished {entry['rounds']} rounds")
+
+
+@app.command()
+@user_errors
+def serve(
+    folder: DirArg,
+    address: Annotated[
+        str, typer.Option("--address", help="HOST:PORT sites connect to (TLS, fleet API only)")
+    ] = "0.0.0.0:9092",
+    resume: Annotated[
+        bool, typer.Option("--resume", help="continue after the last completed round")
+    ] = False,
+) -> None:
+    """Run the federation: SuperLink, gateway, and the training run, until the last round."""
+    from server.serve import serve as run_serve
+    from server.settings import Coordinator
+
+    run_serve(folder, address, resume, _print_event)
+    state = Coordinator(folder).state
+    out.print(f"shared models: {state / 'vqgan.safetensors'}, {state / 'ldm.safetensors'}")

@@ -1,0 +1,321 @@
+"""The Flower ServerApp: the coordinator's training loop, run by the SuperLink.
+
+Rounds are numbered 1..R over the whole run: rounds 1..R1 train the VQ-GAN (autoencoder and
+discriminator), rounds R1+1..R1+R2 train the latent diffusion model against the shared VQ-GAN,
+frozen. Before the first diffusion round the latent scale is agreed: every site encodes its
+volumes with the shared VQ-GAN and reports only the per-channel minimum and maximum of its
+latents; the coordinator takes the minimum of the minima and the maximum of the maxima, so every
+site's latents fall in [-1, 1] under one shared scaling (the same rule central training applies
+to one cohort).
+
+Each round: send the shared weights and the round's settings to every connected site, check each
+reply (:mod:`server.aggregate`), average the accepted ones weighted by sample count, write the
+checkpoint atomically, append a line to ``state/rounds.jsonl``. A resumed run starts after the
+checkpoint's last completed round.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from lsdm.atomic import atomic_write_text
+from lsdm.checkpoint import checkpoint_identity, load_checkpoint, read_metadata, save_checkpoint
+from lsdm.config import LSDMConfig, preset
+from lsdm.train_ldm import build_ldm, file_sha256
+from lsdm.vqgan import VQGAN
+from server.aggregate import (
+    Update,
+    change_norm,
+    trainable_keys,
+    update_problem,
+    weighted_average,
+)
+from server.settings import Coordinator, CoordinatorSettings
+
+app = ServerApp()
+
+VQGAN_PHASE, DIFFUSION_PHASE, CALIBRATE = "vqgan", "diffusion", "calibrate"
+MAX_FAILED_ATTEMPTS = 3  # attempts at one round before the run gives up
+
+
+def run_config(policy, settings: CoordinatorSettings) -> LSDMConfig:
+    config = preset(policy.model_preset)
+    if settings.shape is not None:
+        config = config.with_overrides(data={"shape": list(settings.shape)})
+    return config
+
+
+class Federation:
+    """The shared models, the round counter and the checkpoint of one coordinator."""
+
+    def __init__(self, coordinator: Coordinator, resume: bool):
+        self.coordinator = coordinator
+        self.settings = coordinator.settings()
+        self.policy = coordinator.policy()
+        self.config = run_config(self.policy, self.settings)
+        self.labels = dict(self.policy.labels)
+        torch.manual_seed(self.settings.seed)
+        self.vqgan = VQGAN(self.config.vqgan)
+        self.ldm = build_ldm(self.config, len(self.labels))
+        self.completed = 0
+        self.calibrated = False
+        if resume and coordinator.checkpoint.is_file():
+            meta = read_metadata(coordinator.checkpoint)
+            load_checkpoint(coordinator.checkpoint, {"vqgan": self.vqgan, "ldm": self.ldm})
+            self.completed = int(meta["completed_round"])
+            self.calibrated = bool(meta["calibrated"])
+        elif coordinator.checkpoint.is_file():
+            raise RuntimeError("a checkpoint exists; start with --resume or use a fresh folder")
+
+    @property
+    def total_rounds(self) -> int:
+        return self.policy.rounds.vqgan + self.policy.rounds.diffusion
+
+    def phase_of(self, round_: int) -> str:
+        return VQGAN_PHASE if round_ <= self.policy.rounds.vqgan else DIFFUSION_PHASE
+
+    def model_of(self, phase: str) -> torch.nn.Module:
+        return self.vqgan if phase == VQGAN_PHASE else self.ldm
+
+    def save(self) -> None:
+        metadata = {
+            "kind": "federation",
+            "completed_round": self.completed,
+            "calibrated": self.calibrated,
+            "policy": self.policy.name,
+            **checkpoint_identity(self.config, self.labels),
+        }
+        save_checkpoint(
+            self.coordinator.checkpoint, {"vqgan": self.vqgan, "ldm": self.ldm}, None, metadata
+        )
+
+    def export(self) -> None:
+        """Standalone VQ-GAN and LDM checkpoints, the formats ``lsdm sample`` reads."""
+        state = self.coordinator.state
+        identity = checkpoint_identity(self.config, self.labels)
+        steps = self.settings.local_steps
+        save_checkpoint(
+            state / "vqgan.safetensors",
+            {"vqgan": self.vqgan},
+            None,
+            {"kind": "vqgan", "step": self.policy.rounds.vqgan * steps.vqgan, **identity},
+        )
+        save_checkpoint(
+            state / "ldm.safetensors",
+            {"ldm": self.ldm},
+            None,
+            {
+                "kind": "ldm",
+                "step": self.policy.rounds.diffusion * steps.diffusion,
+                "vqgan_sha256": file_sha256(state / "vqgan.safetensors"),
+                **identity,
+            },
+        )
+
+
+def log_line(coordinator: Coordinator, entry: dict) -> None:
+    """Append one JSON line to the run log (rewritten atomically: it is small)."""
+    lines = coordinator.round_log.read_text() if coordinator.round_log.is_file() else ""
+    atomic_write_text(coordinator.round_log, lines + json.dumps(entry) + "\n")
+
+
+def round_config(fed: Federation, phase: str, round_: int) -> ConfigRecord:
+    steps = fed.settings.local_steps
+    if phase == DIFFUSION_PHASE:
+        local_round = round_ - fed.policy.rounds.vqgan
+        local_steps = steps.diffusion
+    else:
+        local_round, local_steps = round_, steps.vqgan
+    return ConfigRecord(
+        {
+            "phase": phase,
+            "round": round_,
+            "preset": fed.policy.model_preset,
+            "shape": json.dumps(list(fed.config.data.shape)),
+            "labels": json.dumps({str(k): v for k, v in fed.labels.items()}),
+            "local_steps": local_steps,
+            "step_offset": (local_round - 1) * local_steps,
+            "seed": fed.settings.seed + round_,
+            "dp_required": fed.policy.dp_required,
+        }
+    )
+
+
+def node_names(grid: Grid) -> dict[int, str]:
+    names = {}
+    for node in grid.get_nodes():
+        names[node.node_id] = node.name or str(node.node_id)
+    return names
+
+
+def wait_for_sites(grid: Grid, fed: Federation) -> list[int]:
+    deadline = time.monotonic() + fed.settings.wait_for_sites_s
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= fed.policy.min_sites:
+            return nodes
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"only {len(nodes)} of {fed.policy.min_sites} sites connected in time"
+            )
+        time.sleep(1.0)
+
+
+def exchange(grid: Grid, fed: Federation, content: RecordDict, round_: int):
+    """Send ``content`` to every connected site; yield (site name, reply or error text)."""
+    nodes = wait_for_sites(grid, fed)
+    names = node_names(grid)
+    messages = [
+        Message(content=content, dst_node_id=n, message_type="train", group_id=str(round_))
+        for n in nodes
+    ]
+    replies = grid.send_and_receive(messages, timeout=fed.settings.round_timeout_s)
+    for reply in replies:
+        site = names.get(reply.metadata.src_node_id, str(reply.metadata.src_node_id))
+        if reply.has_error():
+            yield site, f"site failed: {reply.error.reason}"
+        elif "refusal" in reply.content.config_records:
+            yield site, f"site refused: {reply.content.config_records['refusal']['reason']}"
+        else:
+            yield site, reply
+
+
+def calibrate(grid: Grid, fed: Federation) -> dict:
+    """Agree the latent scale: min of the sites' per-channel minima, max of their maxima."""
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(fed.vqgan.state_dict()),
+            "config": round_config(fed, CALIBRATE, fed.policy.rounds.vqgan),
+        }
+    )
+    lows, highs, sites, problems = [], [], [], {}
+    for site, reply in exchange(grid, fed, content, fed.policy.rounds.vqgan):
+        if isinstance(reply, str):
+            problems[site] = reply
+            continue
+        m = reply.content.metric_records["metrics"]
+        channels = fed.config.vqgan.embedding_dim
+        low = torch.tensor([m[f"latent_low_{c}"] for c in range(channels)])
+        high = torch.tensor([m[f"latent_high_{c}"] for c in range(channels)])
+        if not (torch.isfinite(low).all() and torch.isfinite(high).all()):
+            problems[site] = "rejected: latent range not finite"
+            continue
+        lows.append(low)
+        highs.append(high)
+        sites.append(site)
+    if len(sites) < fed.policy.min_sites:
+        raise RuntimeError(f"calibration: too few sites answered ({problems})")
+    low = torch.stack(lows).min(dim=0).values
+    high = torch.maximum(torch.stack(highs).max(dim=0).values, low + 1e-6)
+    fed.vqgan.latent_low.copy_(low)
+    fed.vqgan.latent_high.copy_(high)
+    fed.calibrated = True
+    return {
+        "event": "calibrated",
+        "sites": sites,
+        "problems": problems,
+        "latent_low": low.tolist(),
+        "latent_high": high.tolist(),
+    }
+
+
+def train_round(grid: Grid, fed: Federation, round_: int) -> dict:
+    phase = fed.phase_of(round_)
+    model = fed.model_of(phase)
+    reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    bounded = trainable_keys(model)
+    content = RecordDict(
+        {"arrays": ArrayRecord(reference), "config": round_config(fed, phase, round_)}
+    )
+    if phase == DIFFUSION_PHASE:
+        content["vqgan"] = ArrayRecord(fed.vqgan.state_dict())
+    started = time.monotonic()
+    accepted: list[Update] = []
+    rejected: dict[str, str] = {}
+    for site, reply in exchange(grid, fed, content, round_):
+        if isinstance(reply, str):
+            rejected[site] = reply
+            continue
+        metrics = dict(reply.content.metric_records["metrics"])
+        try:
+            state = reply.content.array_records["arrays"].to_torch_state_dict()
+        except Exception as e:  # a malformed record is the site's fault, not ours
+            rejected[site] = f"rejected: unreadable weights ({e})"
+            continue
+        update = Update(site, state, int(metrics.pop("num_samples", 0)), metrics)
+        problem = update_problem(update, reference, fed.settings.max_update_norm, bounded)
+        if problem:
+            rejected[site] = f"rejected: {problem}"
+        else:
+            accepted.append(update)
+    entry = {
+        "event": "round",
+        "round": round_,
+        "phase": phase,
+        "accepted": {u.site: {"num_samples": u.num_samples, **u.metrics} for u in accepted},
+        "rejected": rejected,
+    }
+    if len(accepted) < fed.policy.min_sites:
+        entry["outcome"] = f"too few valid updates ({len(accepted)} < {fed.policy.min_sites})"
+        return entry
+    average = weighted_average(accepted)
+    entry["change_norm"] = change_norm(average, reference, bounded)
+    model.load_state_dict(average)
+    if fed.settings.keep_updates:
+        folder = fed.coordinator.updates / f"round-{round_:04d}"
+        for u in accepted:
+            _save_state(folder / f"{u.site}.safetensors", u.state, u.site, u.num_samples)
+        _save_state(folder / "reference.safetensors", reference, "reference", 0)
+    entry["outcome"] = "aggregated"
+    entry["seconds"] = round(time.monotonic() - started, 3)
+    return entry
+
+
+def _save_state(path: Path, state: dict, site: str, num_samples: int) -> None:
+    from safetensors.torch import save_file
+
+    from lsdm.atomic import atomic_path
+
+    tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"site": site, "num_samples": str(num_samples)})
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    coordinator = Coordinator(Path(str(context.run_config["coordinator-dir"])))
+    fed = Federation(coordinator, resume=bool(context.run_config.get("resume", False)))
+    log_line(
+        coordinator,
+        {
+            "event": "start",
+            "after_round": fed.completed,
+            "total_rounds": fed.total_rounds,
+            "run_id": context.run_id,
+        },
+    )
+    round_, failures = fed.completed + 1, 0
+    while round_ <= fed.total_rounds:
+        if fed.phase_of(round_) == DIFFUSION_PHASE and not fed.calibrated:
+            log_line(coordinator, calibrate(grid, fed))
+            fed.save()
+        entry = train_round(grid, fed, round_)
+        if entry["outcome"] != "aggregated":
+            log_line(coordinator, entry)
+            failures += 1
+            if failures >= MAX_FAILED_ATTEMPTS:
+                raise RuntimeError(f"round {round_} failed {failures} times: {entry['outcome']}")
+            continue  # the round is repeated with whoever is there next time
+        failures = 0
+        fed.completed = round_
+        fed.save()
+        log_line(coordinator, entry)
+        round_ += 1
+    fed.export()
+    log_line(coordinator, {"event": "finished", "rounds": fed.total_rounds})
