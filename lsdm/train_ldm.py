@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 
 from lsdm.checkpoint import checkpoint_identity, load_checkpoint, read_identity, save_checkpoint
 from lsdm.config import LSDMConfig
@@ -89,7 +90,13 @@ def train_ldm(
     """
     device = device or default_device()
     vqgan, vqgan_config = load_vqgan(vqgan_checkpoint, device)
-    config = config.model_copy(update={"data": vqgan_config.data, "vqgan": vqgan_config.vqgan})
+    try:  # validated again: the UNet's depth must suit the VQ-GAN's volume shape
+        config = LSDMConfig.model_validate(
+            config.model_dump()
+            | {"data": vqgan_config.data.model_dump(), "vqgan": vqgan_config.vqgan.model_dump()}
+        )
+    except ValidationError as err:
+        raise InputError(f"the diffusion settings do not fit {vqgan_checkpoint}: {err}") from None
     vqgan_hash = file_sha256(vqgan_checkpoint)
     run, config = begin_run(out, config, cohort.labels, resume, "ldm_steps")
     steps, seed = config.train.ldm_steps, config.train.seed
