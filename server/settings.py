@@ -43,6 +43,9 @@ class CoordinatorSettings(BaseModel):
     )
     round_timeout_s: float = Field(900.0, gt=0, description="how long a round waits for sites")
     wait_for_sites_s: float = Field(600.0, gt=0, description="how long to wait for min_sites")
+    all_sites_grace_s: float = Field(
+        30.0, ge=0, description="how long a round waits for registered sites beyond min_sites"
+    )
     keep_updates: bool = Field(
         False, description="keep every accepted site update on disk (for audits and tests)"
     )
