@@ -12,6 +12,7 @@ Processes (all children of ``serve``, stopped when it stops):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -52,6 +53,23 @@ def wait_for_port(host: str, port: int, timeout: float, alive: Callable[[], bool
     raise InputError(f"nothing listened on {host}:{port} within {timeout:.0f} s")
 
 
+def descendants(pid: int) -> list[int]:
+    """Every living descendant of ``pid`` (from /proc; empty where there is none)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 class Services:
     """The coordinator's child processes; ``stop()`` ends them all. They share ``serve``'s
     process group, so whatever kills the whole coordinator kills them too."""
@@ -75,6 +93,8 @@ class Services:
         )
 
     def stop(self) -> None:
+        # the SuperLink's own children (SuperExec, a ServerApp mid-run) do not always go with it
+        grandchildren = [pid for p in self.processes for pid in descendants(p.pid)]
         for process in reversed(self.processes):
             if process.poll() is None:
                 process.terminate()
@@ -84,6 +104,9 @@ class Services:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        for pid in grandchildren:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def write_flwr_config(coordinator: Coordinator, control_port: int) -> None:

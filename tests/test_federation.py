@@ -31,6 +31,7 @@ from lsdm.phantom import write_cohort
 from node.cli import app as node_app
 from node.join import JoinSpec, supernode_command
 from server.cli import app as server_app
+from server.serve import descendants
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -60,8 +61,13 @@ class Processes:
         return process
 
     def kill(self, process: subprocess.Popen) -> None:
+        """Kill ``process`` and everything it started, as a crash of its machine would."""
+        family = descendants(process.pid)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
+        for pid in family:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         process.wait(timeout=30)
 
     def kill_all(self) -> None:
