@@ -1,6 +1,8 @@
 """Model throughput: this project's code against a plain MONAI eager baseline of the same networks.
 
-Measured, for one preset, each in a fresh process (so peak memory is that measurement's own):
+Measured for one preset; the two sides of a measurement are timed in one process one call at a
+time in turn (so the machine's load falls on both alike); on a CPU, peak memory comes from a
+fresh process per side:
 
 - VQ-GAN training step (with the discriminator on): ``lsdm.vqgan.train_step`` against the
   straightforward step of MONAI's tutorials, which runs the discriminator on the real batch twice.
@@ -43,6 +45,7 @@ from lsdm.phantom import write_cohort
 from lsdm.vqgan import VQGAN, make_optimisers
 from lsdm.vqgan import train_step as vqgan_train_step
 
+VARIANTS = ("ours", "baseline")
 LABELS = {0: "background", 1: "fat", 2: "fibroglandular", 3: "vessel", 4: "lesion"}
 
 
@@ -133,17 +136,6 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def _time(fn, repeats: int, warmup: int, device) -> float:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    _sync(device)
-    return (time.perf_counter() - start) / repeats
-
-
 def _flops(fn) -> int:
     counter = FlopCounterMode(display=False)
     with counter:
@@ -151,10 +143,9 @@ def _flops(fn) -> int:
     return counter.get_total_flops()
 
 
-def measure(name: str, variant: str, config: LSDMConfig, args) -> dict:
-    """One measurement; runs in its own process."""
+def build(name: str, variant: str, config: LSDMConfig, args, device):
+    """The step function of one measurement and variant, and the volumes one call handles."""
     torch.manual_seed(0)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ours = variant == "ours"
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16)
@@ -167,12 +158,11 @@ def measure(name: str, variant: str, config: LSDMConfig, args) -> dict:
     maps[:, 1] = 1.0
 
     if name == "vqgan_step":
-        batch = config.data.batch_size
         model = VQGAN(config.vqgan).to(device)
         optimisers = make_optimisers(model)
         model.autoencoder = compile_(model.autoencoder)
         model.discriminator = compile_(model.discriminator)
-        images = torch.rand(batch, 1, *shape, device=device) * 2 - 1
+        images = torch.rand(config.data.batch_size, 1, *shape, device=device) * 2 - 1
         step = config.vqgan.adversarial_start_step
 
         def fn():
@@ -182,19 +172,14 @@ def measure(name: str, variant: str, config: LSDMConfig, args) -> dict:
                 else:
                     baseline_vqgan_step(model, images, optimisers)
 
-        volumes = batch
-    elif name == "ldm_step":
+        return fn, config.data.batch_size
+    if name == "ldm_step":
         batch = config.diffusion.batch_size
-        model = LatentDiffusion(config.diffusion, config.vqgan.embedding_dim, len(LABELS)).to(
-            device
-        )
+        latent_shape = (config.vqgan.embedding_dim, *(n // 4 for n in shape))
+        model = LatentDiffusion(config.diffusion, latent_shape[0], len(LABELS)).to(device)
         optimiser = make_optimiser(model)
         model.unet = compile_(model.unet)
-        latents = (
-            torch.rand(batch, config.vqgan.embedding_dim, *(n // 4 for n in shape), device=device)
-            * 2
-            - 1
-        )
+        latents = torch.rand(batch, *latent_shape, device=device) * 2 - 1
 
         def fn():
             with autocast:
@@ -203,45 +188,71 @@ def measure(name: str, variant: str, config: LSDMConfig, args) -> dict:
                 else:
                     baseline_ldm_step(model, latents, maps, optimiser)
 
-        volumes = batch
-    else:  # sample_<steps>
-        steps = int(name.split("_")[1])
-        vqgan = VQGAN(config.vqgan)
-        ldm = LatentDiffusion(config.diffusion, config.vqgan.embedding_dim, len(LABELS))
-        generator = Generator(vqgan, ldm, config, LABELS, device)
-        generator.ldm.ema.module = compile_(generator.ldm.ema.module)
-        batch = min(2, config.diffusion.batch_size)
-        sample_maps = maps[:batch]
+        return fn, batch
+    steps = int(name.split("_")[1])  # sample_<steps>
+    ldm = LatentDiffusion(config.diffusion, config.vqgan.embedding_dim, len(LABELS))
+    generator = Generator(VQGAN(config.vqgan), ldm, config, LABELS, device)
+    generator.ldm.ema.module = compile_(generator.ldm.ema.module)
+    batch = min(2, config.diffusion.batch_size)
 
-        def fn():
-            with autocast:
-                if ours:
-                    generator.generate(sample_maps, list(range(batch)), steps, 1.5)
-                else:
-                    baseline_sample(generator, sample_maps, steps, 1.5)
+    def fn():
+        with autocast:
+            if ours:
+                generator.generate(maps[:batch], list(range(batch)), steps, 1.5)
+            else:
+                baseline_sample(generator, maps[:batch], steps, 1.5)
 
-        volumes = batch
+    return fn, batch
+
+
+def time_both(name: str, config: LSDMConfig, args) -> dict:
+    """Seconds per call and FLOPs of both variants, timed one call at a time in turn, so that
+    any change in the machine's load falls on both alike. On a GPU, also their peak memory."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    built = {v: build(name, v, config, args, device) for v in VARIANTS}
     repeats = args.repeats if name.endswith("step") else max(1, args.repeats // 5)
-    seconds = _time(fn, repeats, args.warmup, device)
-    flops = _flops(fn)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**30
-    else:  # ru_maxrss is in KiB on Linux; the whole process, interpreter and libraries included
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return {"seconds": seconds, "volumes": volumes, "flops": flops, "peak_gib": peak}
+    for fn, _ in built.values():
+        for _ in range(args.warmup):
+            fn()
+    seconds = dict.fromkeys(VARIANTS, 0.0)
+    peak = dict.fromkeys(VARIANTS, 0.0)
+    for _ in range(repeats):
+        for variant, (fn, _) in built.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            seconds[variant] += (time.perf_counter() - start) / repeats
+            if device.type == "cuda":
+                peak[variant] = max(peak[variant], torch.cuda.max_memory_allocated() / 2**30)
+    return {
+        v: {
+            "seconds": seconds[v],
+            "volumes": built[v][1],
+            "flops": _flops(built[v][0]),
+            "peak_gib": peak[v],
+        }
+        for v in VARIANTS
+    }
 
 
-def _child(queue, name, variant, config_json, args) -> None:
-    config = LSDMConfig.model_validate_json(config_json)
-    queue.put(measure(name, variant, config, args))
+def cpu_peak_memory(name: str, variant: str, config: LSDMConfig, args) -> float:
+    """Peak RSS (GiB) of a process that runs one call of one variant (interpreter included)."""
+    fn, _ = build(name, variant, config, args, torch.device("cpu"))
+    fn()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def run_isolated(name: str, variant: str, config: LSDMConfig, args) -> dict:
+def _child(queue, function, *arguments) -> None:
+    queue.put(function(*arguments))
+
+
+def in_fresh_process(function, *arguments):
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(
-        target=_child, args=(queue, name, variant, config.model_dump_json(), args)
-    )
+    process = context.Process(target=_child, args=(queue, function, *arguments))
     process.start()
     result = queue.get()
     process.join()
@@ -272,9 +283,12 @@ def main() -> None:
         ("sample_25", "s/vol"),
         ("sample_50", "s/vol"),
     ):
-        results = {v: run_isolated(name, v, config, args) for v in ("ours", "baseline")}
+        results = in_fresh_process(time_both, name, config, args)
+        if not on_gpu:
+            for v in VARIANTS:
+                results[v]["peak_gib"] = in_fresh_process(cpu_peak_memory, name, v, config, args)
         cells = []
-        for v in ("ours", "baseline"):
+        for v in VARIANTS:
             r = results[v]
             value = r["volumes"] / r["seconds"] if unit == "vol/s" else r["seconds"] / r["volumes"]
             tflops = r["flops"] / r["seconds"] / 1e12
