@@ -83,6 +83,16 @@ def phantom(
     print(f"wrote {len(manifest.subjects)} subjects to {out}")
 
 
+# Options that several commands share.
+CohortOption = Annotated[Path, typer.Option(help="Cohort folder (images/, maps/, cohort.json).")]
+PresetOption = Annotated[str, typer.Option(help="Named configuration: tiny or reference.")]
+ConfigOption = Annotated[Path | None, typer.Option(help="YAML configuration (overrides --preset).")]
+StepsOption = Annotated[
+    int | None, typer.Option(min=1, help="Total training steps (default: the config's).")
+]
+ResumeOption = Annotated[bool, typer.Option(help="Continue the run in --out.")]
+
+
 def _load_config(preset: str, config: Path | None):
     from lsdm.config import load_config
     from lsdm.config import preset as named_preset
@@ -93,16 +103,12 @@ def _load_config(preset: str, config: Path | None):
 @train_app.command("vqgan")
 @user_errors
 def train_vqgan(
-    cohort: Annotated[Path, typer.Option(help="Cohort folder (images/, maps/, cohort.json).")],
+    cohort: CohortOption,
     out: Annotated[Path, typer.Option(help="Run folder: checkpoint, metrics, reconstructions.")],
-    preset: Annotated[str, typer.Option(help="Named configuration: tiny or reference.")] = "tiny",
-    config: Annotated[
-        Path | None, typer.Option(help="YAML configuration (overrides --preset).")
-    ] = None,
-    steps: Annotated[
-        int | None, typer.Option(min=1, help="Total training steps (default: the config's).")
-    ] = None,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out.")] = False,
+    preset: PresetOption = "tiny",
+    config: ConfigOption = None,
+    steps: StepsOption = None,
+    resume: ResumeOption = False,
 ) -> None:
     """Train the 3D VQ-GAN on a cohort.
 
@@ -131,17 +137,13 @@ def train_vqgan(
 @train_app.command("ldm")
 @user_errors
 def train_ldm(
-    cohort: Annotated[Path, typer.Option(help="Cohort folder (images/, maps/, cohort.json).")],
+    cohort: CohortOption,
     vqgan: Annotated[Path, typer.Option(help="VQ-GAN checkpoint (from lsdm train vqgan).")],
     out: Annotated[Path, typer.Option(help="Run folder: checkpoint and metrics.")],
-    preset: Annotated[str, typer.Option(help="Named configuration: tiny or reference.")] = "tiny",
-    config: Annotated[
-        Path | None, typer.Option(help="YAML configuration (overrides --preset).")
-    ] = None,
-    steps: Annotated[
-        int | None, typer.Option(min=1, help="Total training steps (default: the config's).")
-    ] = None,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out.")] = False,
+    preset: PresetOption = "tiny",
+    config: ConfigOption = None,
+    steps: StepsOption = None,
+    resume: ResumeOption = False,
 ) -> None:
     """Train the latent diffusion model on a cohort, against a frozen VQ-GAN.
 
@@ -212,7 +214,7 @@ def sample(
 @user_errors
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the demo's outputs (absent or empty).")],
-    preset: Annotated[str, typer.Option(help="Named configuration: tiny or reference.")] = "tiny",
+    preset: PresetOption = "tiny",
 ) -> None:
     """The main job on built-in phantom data, end to end.
 
