@@ -14,6 +14,7 @@ import ipaddress
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -106,7 +107,10 @@ def make_signing_key(path: Path) -> None:
 def read_site_public_key(path: Path) -> bytes:
     """The OpenSSH public key in ``path``, checked to be an EC key; raises ``ValueError``."""
     data = Path(path).read_bytes().strip()
-    key = serialization.load_ssh_public_key(data)
+    try:
+        key = serialization.load_ssh_public_key(data)
+    except (ValueError, UnsupportedAlgorithm):
+        raise ValueError(f"{path}: not an OpenSSH public key (see lsdm-node keygen)") from None
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise ValueError(f"{path}: a site key must be an EC key in OpenSSH format")
     return data + b"\n"

@@ -1,0 +1,199 @@
+"""Fast checks of the federation's parts, in process: update validation and averaging, the
+site's refusals (app carrying code, foreign vocabulary, DP it cannot give), one round of site
+training, and the CLIs' one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from typer.testing import CliRunner
+
+from lsdm.config import preset
+from lsdm.phantom import write_cohort
+from lsdm.vqgan import VQGAN
+from node.app_guard import ForbiddenApp, check_app_folder
+from node.cli import app as node_app
+from node.client_app import run_round
+from server.aggregate import Update, trainable_keys, update_problem, weighted_average
+from server.cli import app as server_app
+from server.settings import APP_PYPROJECT
+
+SHAPE = (16, 32, 32)
+runner = CliRunner()
+
+
+def _state() -> dict[str, torch.Tensor]:
+    return {"w": torch.zeros(3, 2), "b": torch.ones(2), "count": torch.tensor(5)}
+
+
+def test_update_checks_name_each_problem():
+    reference = _state()
+    bounded = {"w", "b"}
+
+    def problem(**changes):
+        state = {**_state(), **changes}
+        return update_problem(Update("s", state, 4, {}), reference, 1.0, bounded)
+
+    assert problem() is None
+    assert problem(w=torch.full((3, 2), 0.1)) is None  # norm 0.245
+    assert "not finite" in problem(w=torch.tensor([[float("nan"), 0], [0, 0], [0, 0]]))
+    assert "not finite" in problem(b=torch.tensor([float("inf"), 1.0]))
+    assert "shape" in problem(w=torch.zeros(2, 3))
+    assert "dtype" in problem(b=torch.ones(2, dtype=torch.float64))
+    assert "exceeds the bound" in problem(w=torch.full((3, 2), 1.0))
+    missing = {k: v for k, v in _state().items() if k != "b"}
+    assert "keys differ" in update_problem(Update("s", missing, 4, {}), reference, 1.0, bounded)
+    assert "sample count" in update_problem(Update("s", _state(), 0, {}), reference, 1, bounded)
+
+
+def test_weighted_average_weights_by_samples_and_keeps_counters():
+    a = Update("a", {"w": torch.full((2,), 1.0), "n": torch.tensor(7)}, 1, {})
+    b = Update("b", {"w": torch.full((2,), 4.0), "n": torch.tensor(9)}, 3, {})
+    average = weighted_average([a, b])
+    assert average["w"].tolist() == [3.25, 3.25]
+    assert average["n"].item() == 9  # from the site with the most samples
+
+
+def test_codebook_buffers_are_not_bounded_but_trained_weights_are():
+    keys = trainable_keys(VQGAN(preset("tiny").vqgan))
+    assert "autoencoder.quantizer.quantizer.embedding.weight" not in keys
+    assert any(k.startswith("discriminator.") for k in keys)
+    assert any(k.startswith("autoencoder.encoder") for k in keys)
+
+
+def test_site_refuses_an_app_that_carries_code(tmp_path):
+    (tmp_path / "pyproject.toml").write_text(APP_PYPROJECT)
+    check_app_folder(tmp_path)
+    (tmp_path / "node").mkdir()
+    (tmp_path / "node" / "client_app.py").write_text("import os\n")
+    with pytest.raises(ForbiddenApp, match="carries files"):
+        check_app_folder(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "pyproject.toml").write_text(APP_PYPROJECT.replace("node.client_app:app", "evil:app"))
+    with pytest.raises(ForbiddenApp, match="evil:app"):
+        check_app_folder(other)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    root = tmp_path_factory.mktemp("site")
+    write_cohort(root / "cohort", subjects=3, shape=SHAPE, seed=7)
+    policy = root / "policy.yaml"
+    policy.write_text(yaml.safe_dump({"kind": "site", "name": "site", "dp": {"enabled": False}}))
+    from lsdm.data import open_cohort
+
+    labels = open_cohort(root / "cohort").labels
+    node_config = {"cohort": str(root / "cohort"), "policy": str(policy),
+                   "workdir": str(root / "work"), "threads": 1}  # fmt: skip
+    return root, labels, node_config
+
+
+def _content(vocabulary: dict, phase: str = "vqgan", **overrides) -> RecordDict:
+    config = {
+        "phase": phase,
+        "round": 1,
+        "preset": "tiny",
+        "shape": json.dumps(list(SHAPE)),
+        "labels": json.dumps({str(k): v for k, v in vocabulary.items()}),
+        "local_steps": 2,
+        "step_offset": 0,
+        "seed": 1,
+        "dp_required": False,
+    } | overrides
+    model = VQGAN(preset("tiny").vqgan)
+    return RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord(config)})
+
+
+def test_site_round_trains_and_sends_only_weights_and_aggregates(site):
+    _, labels, node_config = site
+    reply = run_round(_content(labels), node_config)
+    assert set(reply.array_records) == {"arrays"}
+    metrics = dict(reply.metric_records["metrics"])
+    assert metrics["num_samples"] == 3
+    assert set(metrics) == {"num_samples", "recon_l1", "quantisation"}
+    calibration = run_round(_content(labels, phase="calibrate"), node_config)
+    assert not calibration.array_records
+    assert len(calibration.metric_records["metrics"]) == 1 + 2 * preset("tiny").vqgan.embedding_dim
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        ({"labels": json.dumps({"0": "background", "1": "tumour"})}, "vocabulary"),
+        ({"dp_required": True}, "differential privacy"),
+        ({"phase": "segmentation"}, "unknown phase"),
+        ({"preset": "huge"}, "unknown model preset"),
+    ],
+)
+def test_site_refuses_rounds_it_must_not_train(site, overrides, reason):
+    from node.client_app import Refusal
+
+    _, labels, node_config = site
+    with pytest.raises(Refusal, match=reason):
+        run_round(_content(labels, **overrides), node_config)
+
+
+def test_join_refuses_a_policy_that_requires_dp(site, tmp_path):
+    root, _, _ = site
+    runner.invoke(node_app, ["keygen", str(tmp_path / "keys")])
+    result = runner.invoke(
+        node_app,
+        ["join", "--server", "127.0.0.1:9", "--ca", str(tmp_path / "keys" / "site_key.pub"),
+         "--key", str(tmp_path / "keys" / "site_key"), "--cohort", str(root / "cohort"),
+         "--policy", "strict"],
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert "differential privacy" in result.output
+
+
+def test_keygen_never_overwrites(tmp_path):
+    assert runner.invoke(node_app, ["keygen", str(tmp_path)]).exit_code == 0
+    assert (tmp_path / "site_key").stat().st_mode & 0o777 == 0o600
+    result = runner.invoke(node_app, ["keygen", str(tmp_path)])
+    assert result.exit_code == 2 and "exists already" in result.output
+
+
+def test_server_cli_errors_are_one_line(tmp_path: Path):
+    result = runner.invoke(server_app, ["serve", str(tmp_path / "nowhere")])
+    assert result.exit_code == 2 and "not a coordinator folder" in result.output
+    folder = tmp_path / "coordinator"
+    assert (
+        runner.invoke(server_app, ["init", str(folder), "--host", "fed.example.org"]).exit_code == 0
+    )
+    assert runner.invoke(server_app, ["init", str(folder)]).exit_code == 2
+    assert runner.invoke(node_app, ["keygen", str(tmp_path / "k")]).exit_code == 0
+    key = str(tmp_path / "k" / "site_key.pub")
+    assert runner.invoke(server_app, ["register", str(folder), key, "--name", "a"]).exit_code == 0
+    again = runner.invoke(server_app, ["register", str(folder), key, "--name", "b"])
+    assert again.exit_code == 2 and "registered already" in again.output
+    bad = runner.invoke(server_app, ["register", str(folder), key, "--name", "../x"])
+    assert bad.exit_code == 2
+    private = runner.invoke(
+        server_app, ["register", str(folder), str(tmp_path / "k" / "site_key"), "--name", "c"]
+    )
+    assert private.exit_code == 2
+    no_checkpoint = runner.invoke(server_app, ["serve", str(folder), "--resume"])
+    assert no_checkpoint.exit_code == 2 and "nothing to resume" in no_checkpoint.output
+    sites = runner.invoke(server_app, ["sites", str(folder)])
+    assert sites.exit_code == 0 and " a " in sites.output
+
+
+def test_server_certificate_names_the_hosts(tmp_path):
+    from cryptography import x509
+
+    folder = tmp_path / "c"
+    runner.invoke(
+        server_app, ["init", str(folder), "--host", "fed.example.org", "--host", "10.0.0.5"]
+    )
+    cert = x509.load_pem_x509_certificate((folder / "tls" / "server.pem").read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "fed.example.org" in names.get_values_for_type(x509.DNSName)
+    assert {str(a) for a in names.get_values_for_type(x509.IPAddress)} == {"10.0.0.5", "127.0.0.1"}
+    assert (folder / "tls" / "ca.key").stat().st_mode & 0o777 == 0o600
+    assert list((folder / "app").iterdir()) == [folder / "app" / "pyproject.toml"]
