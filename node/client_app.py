@@ -2,7 +2,8 @@
 
 Thin: it checks the round against the site's policy and cohort, trains with the same
 ``train_step`` functions as central training, and replies with the weights and aggregate metrics
-(sample count and mean losses). Images, maps and per-subject values never leave.
+(sample count, mean losses, seconds of local training). Images, maps and per-subject values
+never leave.
 
 The SuperNode starts a fresh process for every message, so what must last between rounds lives
 in the site's work folder: the cohort's latents under the shared VQ-GAN are encoded once per
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -108,6 +110,7 @@ def run_round(content: RecordDict, node_config: dict) -> RecordDict:
         data={"shape": json.loads(str(config_record["shape"]))}
     )
     seed = int(config_record["seed"])
+    started = time.perf_counter()
     start = int(config_record["step_offset"])
     steps = int(config_record["local_steps"])
     torch.manual_seed(seed)
@@ -123,6 +126,7 @@ def run_round(content: RecordDict, node_config: dict) -> RecordDict:
             for i, batch in enumerate(loader)
         ]
         metrics = {"num_samples": len(dataset), **_mean(history)}
+        metrics["train_seconds"] = time.perf_counter() - started
         return RecordDict(
             {"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)}
         )
@@ -157,6 +161,7 @@ def run_round(content: RecordDict, node_config: dict) -> RecordDict:
         latents, maps = encoded.batch(indices, "cpu")
         history.append(diffusion.train_step(ldm, latents, maps, optimiser))
     metrics = {"num_samples": len(encoded.latents), **_mean(history)}
+    metrics["train_seconds"] = time.perf_counter() - started
     return RecordDict({"arrays": ArrayRecord(ldm.state_dict()), "metrics": MetricRecord(metrics)})
 
 

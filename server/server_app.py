@@ -147,6 +147,11 @@ def round_config(fed: Federation, phase: str, round_: int) -> ConfigRecord:
     )
 
 
+def payload_bytes(record: ArrayRecord) -> int:
+    """Tensor bytes of a record (what travels, before Flower's framing)."""
+    return sum(len(array.data) for array in record.values())
+
+
 def node_names(grid: Grid) -> dict[int, str]:
     names = {}
     for node in grid.get_nodes():
@@ -242,6 +247,8 @@ def train_round(grid: Grid, fed: Federation, round_: int) -> dict:
     if phase == DIFFUSION_PHASE:
         content["vqgan"] = ArrayRecord(fed.vqgan.state_dict())
     started = time.monotonic()
+    bytes_down = sum(payload_bytes(record) for record in content.array_records.values())
+    bytes_up: dict[str, int] = {}
     accepted: list[Update] = []
     rejected: dict[str, str] = {}
     for site, reply in exchange(grid, fed, content, round_):
@@ -249,6 +256,7 @@ def train_round(grid: Grid, fed: Federation, round_: int) -> dict:
             rejected[site] = reply
             continue
         metrics = dict(reply.content.metric_records["metrics"])
+        bytes_up[site] = sum(payload_bytes(r) for r in reply.content.array_records.values())
         try:
             state = reply.content.array_records["arrays"].to_torch_state_dict()
         except Exception as e:  # a malformed record is the site's fault, not ours
@@ -266,6 +274,8 @@ def train_round(grid: Grid, fed: Federation, round_: int) -> dict:
         "phase": phase,
         "accepted": {u.site: {"num_samples": u.num_samples, **u.metrics} for u in accepted},
         "rejected": rejected,
+        "bytes_down": bytes_down,
+        "bytes_up": bytes_up,
     }
     if len(accepted) < fed.policy.min_sites:
         entry["outcome"] = f"too few valid updates ({len(accepted)} < {fed.policy.min_sites})"

@@ -288,6 +288,9 @@ def test_two_sites_complete_both_phases_and_bad_updates_are_rejected(federation)
         assert entry["accepted"]["beta"]["num_samples"] == 3
         assert set(entry["rejected"]) == {"mallory"}
     assert "not finite" in entries[0]["rejected"]["mallory"]
+    assert entries[1]["bytes_down"] > entries[0]["bytes_down"] > 0  # phase 2 adds the VQ-GAN
+    assert entries[0]["bytes_up"]["alpha"] > 0
+    assert entries[0]["accepted"]["alpha"]["train_seconds"] > 0
     assert "exceeds the bound" in entries[1]["rejected"]["mallory"]
 
     # the shared weights are the sample-weighted average of what the honest sites sent

@@ -116,7 +116,7 @@ def test_site_round_trains_and_sends_only_weights_and_aggregates(site):
     assert set(reply.array_records) == {"arrays"}
     metrics = dict(reply.metric_records["metrics"])
     assert metrics["num_samples"] == 3
-    assert set(metrics) == {"num_samples", "recon_l1", "quantisation"}
+    assert set(metrics) == {"num_samples", "recon_l1", "quantisation", "train_seconds"}
     calibration = run_round(_content(labels, phase="calibrate"), node_config)
     assert not calibration.array_records
     assert len(calibration.metric_records["metrics"]) == 1 + 2 * preset("tiny").vqgan.embedding_dim

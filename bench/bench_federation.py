@@ -1,0 +1,99 @@
+"""Federation overhead: per round, the coordinator's wall time against the slowest site's local
+compute time, and the bytes each site receives and sends.
+
+Runs a real local federation (``lsdm-server demo`` machinery: coordinator on 127.0.0.1 with TLS
+and site authentication, N SuperNodes) at the ``tiny`` preset for 2 and 3 sites, then reads the
+coordinator's run log: ``seconds`` (round wall time, send to aggregate), each site's
+``train_seconds`` (its local training, reported as a metric) and the payload sizes the
+coordinator records (``bytes_down`` per site: the weights sent, the frozen VQ-GAN included in
+phase 2; ``bytes_up`` per site: the weights returned). Payload bytes are tensor bytes; Flower's
+protobuf and HTTP framing add a little. All sites share this machine's cores, so the "slowest
+site" also waits for its neighbours: on 2 cores, 3 sites run slower than on 3 machines.
+
+    .venv/bin/python bench/bench_federation.py --sites 2 3 --out bench/results/federation.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+from pathlib import Path
+
+
+def measure(sites: int, rounds: int, steps: tuple[int, int], subjects: int) -> list[dict]:
+    from server.demo import run_federated_demo
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run_federated_demo(
+            Path(tmp) / "demo",
+            sites=sites,
+            subjects=subjects,
+            rounds=(rounds, rounds),
+            local_steps=steps,
+        )
+        log = Path(tmp) / "demo" / "coordinator" / "state" / "rounds.jsonl"
+        entries = [json.loads(line) for line in log.read_text().splitlines()]
+    rows = []
+    for entry in entries:
+        if entry.get("event") != "round" or entry.get("outcome") != "aggregated":
+            continue
+        accepted = entry["accepted"]
+        slowest = max(m.get("train_seconds", float("nan")) for m in accepted.values())
+        rows.append(
+            {
+                "sites": sites,
+                "round": entry["round"],
+                "phase": entry["phase"],
+                "wall_s": entry["seconds"],
+                "slowest_site_s": slowest,
+                "overhead_s": entry["seconds"] - slowest,
+                "overhead_share": (entry["seconds"] - slowest) / entry["seconds"],
+                "bytes_down": entry.get("bytes_down", 0),
+                "bytes_up": max(entry.get("bytes_up", {0: 0}).values()),
+            }
+        )
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| sites | round | phase | round wall (s) | slowest site compute (s) | overhead (s) "
+        "| overhead share | MB down per site | MB up per site |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['sites']} | {r['round']} | {r['phase']} | {r['wall_s']:.1f} "
+            f"| {r['slowest_site_s']:.1f} | {r['overhead_s']:.1f} | {r['overhead_share']:.0%} "
+            f"| {r['bytes_down'] / 1e6:.2f} | {r['bytes_up'] / 1e6:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sites", type=int, nargs="+", default=[2, 3])
+    parser.add_argument("--rounds", type=int, default=2, help="rounds per phase")
+    parser.add_argument("--vqgan-steps", type=int, default=10)
+    parser.add_argument("--diffusion-steps", type=int, default=20)
+    parser.add_argument("--subjects", type=int, default=4, help="phantom subjects per site")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    rows = []
+    for sites in args.sites:
+        rows += measure(sites, args.rounds, (args.vqgan_steps, args.diffusion_steps), args.subjects)
+    machine = platform.processor() or platform.machine()
+    text = (
+        f"Federation overhead, tiny preset, 16x32x32 phantom volumes, {args.vqgan_steps}/"
+        f"{args.diffusion_steps} local steps per round, {machine}, all processes on one "
+        f"machine.\n\n{table(rows)}\n"
+    )
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
