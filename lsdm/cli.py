@@ -61,6 +61,18 @@ def progress_bar() -> Progress:
     )
 
 
+def training_task(bar: Progress, name: str, total: int):
+    """A progress task for a training loop's ``on_step(done, total, losses)``, showing its loss
+    (the VQ-GAN's L1 reconstruction loss, the diffusion model's loss)."""
+    task = bar.add_task(name, total=total, status="")
+
+    def show(done: int, total: int, losses: dict[str, float]) -> None:
+        loss = losses.get("recon_l1", losses.get("loss"))
+        bar.update(task, completed=done, status="" if loss is None else f"loss {loss:.4f}")
+
+    return show
+
+
 @app.command()
 @user_errors
 def phantom(
@@ -122,11 +134,7 @@ def train_vqgan(
         settings = settings.with_overrides(train={"vqgan_steps": steps})
     data = open_cohort(cohort)  # every input problem is found before anything is written
     with progress_bar() as bar:
-        task = bar.add_task("vqgan", total=settings.train.vqgan_steps, status="")
-
-        def show(done: int, total: int, losses: dict[str, float]) -> None:
-            bar.update(task, completed=done, status=f"L1 {losses['recon_l1']:.4f}")
-
+        show = training_task(bar, "vqgan", settings.train.vqgan_steps)
         result = run_training(data, settings, out, resume=resume, on_step=show)
     mean_psnr = sum(result.psnr.values()) / len(result.psnr)
     print(f"trained to step {result.step}; reconstruction PSNR {mean_psnr:.2f} dB")
@@ -159,11 +167,7 @@ def train_ldm(
         raise InputError(f"no such VQ-GAN checkpoint: {vqgan}")
     data = open_cohort(cohort)
     with progress_bar() as bar:
-        task = bar.add_task("diffusion", total=settings.train.ldm_steps, status="")
-
-        def show(done: int, total: int, losses: dict[str, float]) -> None:
-            bar.update(task, completed=done, status=f"loss {losses['loss']:.4f}")
-
+        show = training_task(bar, "diffusion", settings.train.ldm_steps)
         result = run_training(data, vqgan, settings, out, resume=resume, on_step=show)
     print(f"trained to step {result.step}")
     print(f"checkpoint: {out / 'checkpoint.safetensors'}")
@@ -269,17 +273,9 @@ def demo(
     if out.exists() and any(out.iterdir()):
         raise InputError(f"output folder is not empty: {out}")
     with progress_bar() as bar:
-
-        def stage(name: str, total: int):
-            task = bar.add_task(name, total=total, status="")
-
-            def show(done: int, total: int, losses: dict[str, float]) -> None:
-                loss = losses.get("recon_l1", losses.get("loss"))
-                bar.update(task, completed=done, status="" if loss is None else f"{loss:.4f}")
-
-            return show
-
-        summary = run_demo(out, settings, on_stage=stage)
+        summary = run_demo(
+            out, settings, on_stage=lambda name, total: training_task(bar, name, total)
+        )
     print(f"training cohort:   {out / 'cohort'}")
     print(
         f"VQ-GAN:            {out / 'vqgan'} (reconstruction PSNR {summary.vqgan_psnr_db:.1f} dB)"
