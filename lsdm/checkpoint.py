@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load, save, save_file
 from torch import nn
 
 from lsdm.atomic import atomic_path
@@ -31,6 +31,16 @@ def _optimiser_tensors(name: str, optimiser: torch.optim.Optimizer) -> tuple[dic
             else:
                 scalars[f"{index}/{key}"] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def state_to_bytes(state: dict[str, torch.Tensor]) -> bytes:
+    """A state dict as one safetensors blob (for sending weights as a single object)."""
+    return save({k: v.detach().contiguous() for k, v in state.items()})
+
+
+def state_from_bytes(blob: bytes) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`state_to_bytes`; raises ``SafetensorError`` on a malformed blob."""
+    return load(blob)
 
 
 def save_checkpoint(

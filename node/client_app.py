@@ -20,8 +20,9 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 app = ClientApp()
@@ -56,6 +57,20 @@ def check_round(config, policy, cohort) -> None:
         raise Refusal(
             f"the federation's label vocabulary {labels} differs from the cohort's {cohort.labels}"
         )
+
+
+def pack(state: dict[str, torch.Tensor]) -> ArrayRecord:
+    """A state dict as ONE Flower array (see ``server.server_app.pack``: one object instead of
+    hundreds of authenticated round trips)."""
+    from lsdm.checkpoint import state_to_bytes
+
+    return ArrayRecord({"state": Array(np.frombuffer(state_to_bytes(state), dtype=np.uint8))})
+
+
+def unpack(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    from lsdm.checkpoint import state_from_bytes
+
+    return state_from_bytes(record["state"].numpy().tobytes())
 
 
 def _state_digest(state: dict[str, torch.Tensor]) -> str:
@@ -117,7 +132,7 @@ def run_round(content: RecordDict, node_config: dict) -> RecordDict:
 
     if phase == "vqgan":
         model = vq.VQGAN(config.vqgan)
-        model.load_state_dict(content.array_records["arrays"].to_torch_state_dict())
+        model.load_state_dict(unpack(content.array_records["arrays"]))
         optimisers = vq.make_optimisers(model)
         dataset = make_dataset(cohort, config.data)
         loader = make_loader(dataset, config.data, seed, start, start + steps)
@@ -127,12 +142,10 @@ def run_round(content: RecordDict, node_config: dict) -> RecordDict:
         ]
         metrics = {"num_samples": len(dataset), **_mean(history)}
         metrics["train_seconds"] = time.perf_counter() - started
-        return RecordDict(
-            {"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)}
-        )
+        return RecordDict({"arrays": pack(model.state_dict()), "metrics": MetricRecord(metrics)})
 
     vqgan_state = content.array_records["arrays" if phase == "calibrate" else "vqgan"]
-    vqgan_state = vqgan_state.to_torch_state_dict()
+    vqgan_state = unpack(vqgan_state)
     shared_vqgan = vq.VQGAN(config.vqgan)
     shared_vqgan.load_state_dict(vqgan_state)
     shared_vqgan.eval()
@@ -151,7 +164,7 @@ def run_round(content: RecordDict, node_config: dict) -> RecordDict:
     encoded = _encoded(shared_vqgan, vqgan_state, cohort, config, workdir)
     del shared_vqgan
     ldm = build_ldm(config, len(cohort.labels))
-    ldm.load_state_dict(content.array_records["arrays"].to_torch_state_dict())
+    ldm.load_state_dict(unpack(content.array_records["arrays"]))
     optimiser = diffusion.make_optimiser(ldm)
     sampler = StepBatchSampler(
         len(encoded.latents), config.diffusion.batch_size, seed, start, start + steps
@@ -162,7 +175,7 @@ def run_round(content: RecordDict, node_config: dict) -> RecordDict:
         history.append(diffusion.train_step(ldm, latents, maps, optimiser))
     metrics = {"num_samples": len(encoded.latents), **_mean(history)}
     metrics["train_seconds"] = time.perf_counter() - started
-    return RecordDict({"arrays": ArrayRecord(ldm.state_dict()), "metrics": MetricRecord(metrics)})
+    return RecordDict({"arrays": pack(ldm.state_dict()), "metrics": MetricRecord(metrics)})
 
 
 @app.train()

@@ -20,12 +20,20 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from lsdm.atomic import atomic_write_text
-from lsdm.checkpoint import checkpoint_identity, load_checkpoint, read_metadata, save_checkpoint
+from lsdm.checkpoint import (
+    checkpoint_identity,
+    load_checkpoint,
+    read_metadata,
+    save_checkpoint,
+    state_from_bytes,
+    state_to_bytes,
+)
 from lsdm.config import LSDMConfig, preset
 from lsdm.train_ldm import build_ldm, file_sha256
 from lsdm.vqgan import VQGAN
@@ -147,6 +155,17 @@ def round_config(fed: Federation, phase: str, round_: int) -> ConfigRecord:
     )
 
 
+def pack(state: dict[str, torch.Tensor]) -> ArrayRecord:
+    """A state dict as ONE Flower array. Flower 1.42 moves every array of a message as separate
+    objects, each its own authenticated request through the gateway; a UNet's hundreds of
+    tensors then cost a minute of round trips per round, one blob costs a few requests."""
+    return ArrayRecord({"state": Array(np.frombuffer(state_to_bytes(state), dtype=np.uint8))})
+
+
+def unpack(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    return state_from_bytes(record["state"].numpy().tobytes())
+
+
 def payload_bytes(record: ArrayRecord) -> int:
     """Tensor bytes of a record (what travels, before Flower's framing)."""
     return sum(len(array.data) for array in record.values())
@@ -201,7 +220,7 @@ def calibrate(grid: Grid, fed: Federation) -> dict:
     """Agree the latent scale: min of the sites' per-channel minima, max of their maxima."""
     content = RecordDict(
         {
-            "arrays": ArrayRecord(fed.vqgan.state_dict()),
+            "arrays": pack(fed.vqgan.state_dict()),
             "config": round_config(fed, CALIBRATE, fed.policy.rounds.vqgan),
         }
     )
@@ -241,11 +260,9 @@ def train_round(grid: Grid, fed: Federation, round_: int) -> dict:
     model = fed.model_of(phase)
     reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
     bounded = trainable_keys(model)
-    content = RecordDict(
-        {"arrays": ArrayRecord(reference), "config": round_config(fed, phase, round_)}
-    )
+    content = RecordDict({"arrays": pack(reference), "config": round_config(fed, phase, round_)})
     if phase == DIFFUSION_PHASE:
-        content["vqgan"] = ArrayRecord(fed.vqgan.state_dict())
+        content["vqgan"] = pack(fed.vqgan.state_dict())
     started = time.monotonic()
     bytes_down = sum(payload_bytes(record) for record in content.array_records.values())
     bytes_up: dict[str, int] = {}
@@ -258,7 +275,7 @@ def train_round(grid: Grid, fed: Federation, round_: int) -> dict:
         metrics = dict(reply.content.metric_records["metrics"])
         bytes_up[site] = sum(payload_bytes(r) for r in reply.content.array_records.values())
         try:
-            state = reply.content.array_records["arrays"].to_torch_state_dict()
+            state = unpack(reply.content.array_records["arrays"])
         except Exception as e:  # a malformed record is the site's fault, not ours
             rejected[site] = f"rejected: unreadable weights ({e})"
             continue

@@ -10,19 +10,19 @@ from __future__ import annotations
 
 def _spoil(run_round):
     def spoiled(content, node_config):
-        from flwr.app import ArrayRecord
+        from node.client_app import pack, unpack
 
         reply = run_round(content, node_config)
         if "arrays" not in reply.array_records:
             return reply  # calibration: only metrics
-        state = reply.array_records["arrays"].to_torch_state_dict()
+        state = unpack(reply.array_records["arrays"])
         floats = [k for k, v in state.items() if v.is_floating_point()]
         if str(content.config_records["config"]["phase"]) == "vqgan":
             state[floats[0]] = state[floats[0]].clone().fill_(float("nan"))
         else:
             for key in floats:
                 state[key] = state[key] + 1000.0
-        reply["arrays"] = ArrayRecord(state)
+        reply["arrays"] = pack(state)
         return reply
 
     return spoiled

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ConfigRecord, RecordDict
 from typer.testing import CliRunner
 
 from lsdm.config import preset
@@ -18,7 +18,7 @@ from lsdm.phantom import write_cohort
 from lsdm.vqgan import VQGAN
 from node.app_guard import ForbiddenApp, check_app_folder
 from node.cli import app as node_app
-from node.client_app import run_round
+from node.client_app import pack, run_round, unpack
 from server.aggregate import Update, trainable_keys, update_problem, weighted_average
 from server.cli import app as server_app
 from server.settings import APP_PYPROJECT
@@ -107,13 +107,15 @@ def _content(vocabulary: dict, phase: str = "vqgan", **overrides) -> RecordDict:
         "dp_required": False,
     } | overrides
     model = VQGAN(preset("tiny").vqgan)
-    return RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord(config)})
+    return RecordDict({"arrays": pack(model.state_dict()), "config": ConfigRecord(config)})
 
 
 def test_site_round_trains_and_sends_only_weights_and_aggregates(site):
     _, labels, node_config = site
     reply = run_round(_content(labels), node_config)
     assert set(reply.array_records) == {"arrays"}
+    state = unpack(reply.array_records["arrays"])
+    assert set(state) == set(VQGAN(preset("tiny").vqgan).state_dict())  # one blob, every tensor
     metrics = dict(reply.metric_records["metrics"])
     assert metrics["num_samples"] == 3
     assert set(metrics) == {"num_samples", "recon_l1", "quantisation", "train_seconds"}
