@@ -366,3 +366,126 @@ def join(
         threads=threads,
     )
     raise typer.Exit(run_join(spec))
+
+
+# -- generator bundle: verify, generate ------------------------------------------------------------
+CoordinatorKeyOpt = Annotated[
+    Path,
+    typer.Option(
+        "--coordinator-key", help="the coordinator's public signing key (signing.pub.pem)"
+    ),
+]
+
+
+@app.command()
+@user_errors
+def verify(
+    bundle: Annotated[Path, typer.Argument(help="a generator bundle (lsdm-server publish)")],
+    coordinator_key: CoordinatorKeyOpt,
+) -> None:
+    """Check a generator bundle's signature against the coordinator key: valid, or what is wrong."""
+    from node.generate import verify as verify_bundle
+
+    manifest = verify_bundle(bundle, coordinator_key)
+    prov = manifest.provenance
+    dp = (
+        "none"
+        if prov.dp == "none"
+        else ", ".join(f"{s}: ε={b.epsilon:.3g}, δ={b.delta:.1g}" for s, b in prov.dp.items())
+    )
+    out.print(f"valid: {bundle}", markup=False)
+    out.print(
+        f"  federation {prov.federation}, {prov.sites} site(s), rounds vqgan {prov.rounds.vqgan} "
+        f"+ diffusion {prov.rounds.diffusion}, DP {dp}",
+        markup=False,
+    )
+    out.print(
+        f"  {prov.software_version}, created {prov.created_at}, signer "
+        f"{manifest.signer['public_key_sha256'][:16]}…",
+        markup=False,
+    )
+
+
+@app.command()
+@user_errors
+def generate(
+    bundle: Annotated[Path, typer.Option("--bundle", help="the generator bundle")],
+    coordinator_key: CoordinatorKeyOpt,
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="output folder (resumable)")],
+    maps: Annotated[
+        Path | None, typer.Option("--maps", help="a folder of label maps (*.nii.gz)")
+    ] = None,
+    from_cohort: Annotated[
+        Path | None, typer.Option("--from-cohort", help="use this de-identified cohort's maps")
+    ] = None,
+    real: Annotated[
+        Path | None,
+        typer.Option(help="the site's real cohort for the report (default: --from-cohort)"),
+    ] = None,
+    holdout: Annotated[
+        Path | None,
+        typer.Option(help="real subjects NOT used in training, as the memorisation reference"),
+    ] = None,
+    steps: Annotated[int, typer.Option(min=1, max=1000, help="sampling steps")] = 25,
+    guidance: Annotated[float, typer.Option(min=0.0, help="classifier-free guidance")] = 1.5,
+    seed: Annotated[int, typer.Option(help="seed: same seed and map give the same volume")] = 0,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="maps per batch")] = None,
+    augment_maps: Annotated[
+        bool,
+        typer.Option(help="deform every map first (label-preserving), so no map is a patient's"),
+    ] = False,
+    segmentation_steps: Annotated[
+        int, typer.Option(min=1, help="training steps of the report's segmenter")
+    ] = 200,
+    report: Annotated[bool, typer.Option(help="build the release report")] = True,
+    strict: Annotated[
+        bool, typer.Option(help="exit with status 1 when the release gate fails")
+    ] = False,
+    policy: PolicyOpt = DEFAULT_SITE_POLICY,
+) -> None:
+    """Generate a synthetic dataset from label maps with a verified bundle, plus its release
+    report (report.json, report.html) and the site policy's release decision."""
+    from rich.progress import TimeRemainingColumn
+
+    from node.generate import GenerateSpec
+    from node.generate import generate as run_generate
+
+    site_policy = load_site_policy(policy)
+    spec = GenerateSpec(
+        bundle=bundle, coordinator_key=coordinator_key, out=out_dir, maps=maps,
+        from_cohort=from_cohort, real=real, holdout=holdout, steps=steps, guidance=guidance,
+        seed=seed, batch_size=batch_size, augment_maps=augment_maps,
+        segmentation_steps=segmentation_steps, report=report,
+    )  # fmt: skip
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=True,
+    ) as bar:  # fmt: skip
+        task = bar.add_task("generating", total=None)
+
+        def stage(name: str, total: int):
+            sub = bar.add_task(name, total=total)
+            return lambda done: bar.update(sub, completed=done)
+
+        result = run_generate(
+            spec,
+            site_policy,
+            on_done=lambda done, total: bar.update(task, completed=done, total=total),
+            on_stage=stage,
+        )
+    out.print(
+        f"generated {result.generated} volume(s) ({result.total} in all) into {out_dir / 'images'}",
+        markup=False,
+    )
+    if result.report is None:
+        return
+    release = result.report["release"]
+    out.print(f"report: {out_dir / 'report.html'} and {out_dir / 'report.json'}", markup=False)
+    if release["releasable"]:
+        out.print(f"releasable under policy {site_policy.name}", markup=False)
+        return
+    out.print(f"NOT releasable under policy {site_policy.name}:", markup=False)
+    for reason in release["reasons"]:
+        out.print(f"  - {reason}", markup=False)
+    if strict:
+        raise typer.Exit(1)

@@ -207,3 +207,31 @@ def demo(
         on_event=_print_event,
     )
     out.print(f"comparison sheet: {sheet}")
+
+
+@app.command()
+@user_errors
+def publish(
+    folder: DirArg,
+    out_file: Annotated[Path, typer.Option("--out", help="the bundle file to write")],
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(
+            "--checkpoint",
+            help="a federation checkpoint to export (default: the final models of serve)",
+        ),
+    ] = None,
+) -> None:
+    """Export the shared generator as one bundle signed with the coordinator's key."""
+    from server.publish import publish as run_publish
+
+    manifest = run_publish(folder, out_file, checkpoint)
+    prov = manifest.provenance
+    out.print(f"bundle: {out_file}", markup=False)
+    out.print(
+        f"federation {prov.federation}, {prov.sites} site(s), rounds vqgan {prov.rounds.vqgan} "
+        f"+ diffusion {prov.rounds.diffusion}, DP {'none' if prov.dp == 'none' else 'per site'}; "
+        f"signed by {manifest.signer['public_key_sha256'][:16]}…",
+        markup=False,
+    )
+    out.print(f"sites verify it with: {folder / 'signing.pub.pem'}", markup=False)
