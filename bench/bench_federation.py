@@ -10,28 +10,43 @@ phase 2; ``bytes_up`` per site: the weights returned). Payload bytes are tensor 
 protobuf and HTTP framing add a little. All sites share this machine's cores, so the "slowest
 site" also waits for its neighbours: on 2 cores, 3 sites run slower than on 3 machines.
 
+``--reference-size SECONDS`` runs the ``reference`` model instead (222M-parameter UNet, 1.8 GB of
+weights with its EMA copy) with each site's local training replaced by a fixed wait of that many
+seconds (``LSDM_BENCH_FIXED_WAIT_S``, see ``node.client_app.fixed_wait_reply``): the sites send
+the weights back unchanged, so the rounds measure transfers, checks and averaging at full size.
+
     .venv/bin/python bench/bench_federation.py --sites 2 3 --out bench/results/federation.md
+    .venv/bin/python bench/bench_federation.py --sites 2 --rounds 1 --reference-size 5 \
+        --out bench/results/federation_reference.md
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import tempfile
 from pathlib import Path
 
 
-def measure(sites: int, rounds: int, steps: tuple[int, int], subjects: int) -> list[dict]:
+def measure(
+    sites: int, rounds: int, steps: tuple[int, int], subjects: int, model_preset: str
+) -> list[dict]:
+    from lsdm.config import preset
     from server.demo import run_federated_demo
 
+    shape = preset(model_preset).data.shape if model_preset == "reference" else (16, 32, 32)
     with tempfile.TemporaryDirectory() as tmp:
         run_federated_demo(
             Path(tmp) / "demo",
             sites=sites,
             subjects=subjects,
+            shape=shape,
             rounds=(rounds, rounds),
             local_steps=steps,
+            model_preset=model_preset,
+            generate=False,
         )
         log = Path(tmp) / "demo" / "coordinator" / "state" / "rounds.jsonl"
         entries = [json.loads(line) for line in log.read_text().splitlines()]
@@ -79,16 +94,36 @@ def main() -> None:
     parser.add_argument("--vqgan-steps", type=int, default=10)
     parser.add_argument("--diffusion-steps", type=int, default=20)
     parser.add_argument("--subjects", type=int, default=4, help="phantom subjects per site")
+    parser.add_argument(
+        "--reference-size",
+        type=float,
+        metavar="SECONDS",
+        help="the reference model, local training replaced by a fixed wait of SECONDS",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    model_preset = "tiny"
+    if args.reference_size:
+        model_preset = "reference"
+        os.environ["LSDM_BENCH_FIXED_WAIT_S"] = str(args.reference_size)  # inherited by sites
     rows = []
     for sites in args.sites:
-        rows += measure(sites, args.rounds, (args.vqgan_steps, args.diffusion_steps), args.subjects)
+        steps = (args.vqgan_steps, args.diffusion_steps)
+        rows += measure(sites, args.rounds, steps, args.subjects, model_preset)
     machine = platform.processor() or platform.machine()
+    if args.reference_size:
+        setting = (
+            f"reference preset (32x256x256 volumes), local training replaced by a fixed "
+            f"{args.reference_size:g} s wait"
+        )
+    else:
+        setting = (
+            f"tiny preset, 16x32x32 phantom volumes, {args.vqgan_steps}/{args.diffusion_steps} "
+            "local steps per round"
+        )
     text = (
-        f"Federation overhead, tiny preset, 16x32x32 phantom volumes, {args.vqgan_steps}/"
-        f"{args.diffusion_steps} local steps per round, {machine}, all processes on one "
-        f"machine.\n\n{table(rows)}\n"
+        f"Federation overhead, {setting}, {machine}, all processes on one machine.\n\n"
+        f"{table(rows)}\n"
     )
     print(text)
     if args.out:

@@ -22,7 +22,7 @@ import numpy as np
 from lsdm.atomic import atomic_write_text, staged_directory
 from lsdm.cohort import IMAGES_DIR, NIFTI_SUFFIX
 from lsdm.config import LSDMConfig
-from lsdm.data import make_dataset, open_cohort
+from lsdm.data import Cohort, make_dataset, open_cohort
 from lsdm.generate import Generator
 from lsdm.metrics import NearestClassMean
 from lsdm.phantom import write_cohort
@@ -35,11 +35,46 @@ TRAIN_SUBJECTS, HELDOUT_SUBJECTS = 16, 3
 
 
 @dataclass
-class DemoSummary:
-    vqgan_psnr_db: float  # mean reconstruction PSNR of the previewed training subjects
+class MapAgreement:
     map_agreement_real: float  # NearestClassMean balanced accuracy of real held-out images
     map_agreement_synthetic: float  # ... of synthetic volumes, against the maps they came from
     map_agreement_swapped: float  # ... of synthetic volumes, against another subject's map
+
+
+@dataclass
+class DemoSummary(MapAgreement):
+    vqgan_psnr_db: float  # mean reconstruction PSNR of the previewed training subjects
+
+
+def map_agreement(
+    training: list[Cohort], heldout: Cohort, synthetic: Path, config: LSDMConfig, sheet: Path
+) -> MapAgreement:
+    """Does each synthetic volume follow its map? Each is scored by a classifier of the real
+    training images' label intensities, against its own map and against the next subject's;
+    real held-out images give the ceiling. Writes the comparison sheet (map, real, synthetic)."""
+    images, maps = [], []
+    for cohort in training:
+        real = make_dataset(cohort, config.data)
+        images += [real[i]["image"][0].numpy() for i in range(len(real))]
+        maps += [real[i]["map"].argmax(0).numpy() for i in range(len(real))]
+    checker = NearestClassMean().fit(images, maps)
+    held = make_dataset(heldout, config.data)
+    rows, own, swapped, real_scores = [], [], [], []
+    for i, sid in enumerate(heldout.ids):
+        label_map = held[i]["map"].argmax(0).numpy()
+        other_map = held[(i + 1) % len(held)]["map"].argmax(0).numpy()
+        image = held[i]["image"][0].numpy()
+        generated = np.asarray(nib.load(synthetic / IMAGES_DIR / f"{sid}{NIFTI_SUFFIX}").dataobj)
+        own.append(checker.balanced_accuracy(generated, label_map))
+        swapped.append(checker.balanced_accuracy(generated, other_map))
+        real_scores.append(checker.balanced_accuracy(image, label_map))
+        rows.append((sid, [("map", label_map), ("real", image), ("synthetic", generated)]))
+    save_sheet(rows, sheet, label_columns=["map"])
+    return MapAgreement(
+        map_agreement_real=float(np.mean(real_scores)),
+        map_agreement_synthetic=float(np.mean(own)),
+        map_agreement_swapped=float(np.mean(swapped)),
+    )
 
 
 def run_demo(
@@ -74,32 +109,11 @@ def run_demo(
         on_done=(lambda done, total: sampling(done, total, {})) if sampling else None,
     )
 
-    # Does each synthetic volume follow its map? Scored against a classifier of real intensities.
-    real = make_dataset(cohort, config.data)
-    checker = NearestClassMean().fit(
-        [real[i]["image"][0].numpy() for i in range(len(real))],
-        [real[i]["map"].argmax(0).numpy() for i in range(len(real))],
+    agreement = map_agreement(
+        [cohort], heldout, out / "synthetic", config, sheet=out / "comparison.png"
     )
-    held = make_dataset(heldout, config.data)
-    rows, own, swapped, real_scores = [], [], [], []
-    for i, sid in enumerate(heldout.ids):
-        label_map = held[i]["map"].argmax(0).numpy()
-        other_map = held[(i + 1) % len(held)]["map"].argmax(0).numpy()
-        image = held[i]["image"][0].numpy()
-        synthetic = np.asarray(
-            nib.load(out / "synthetic" / IMAGES_DIR / f"{sid}{NIFTI_SUFFIX}").dataobj
-        )
-        own.append(checker.balanced_accuracy(synthetic, label_map))
-        swapped.append(checker.balanced_accuracy(synthetic, other_map))
-        real_scores.append(checker.balanced_accuracy(image, label_map))
-        rows.append((sid, [("map", label_map), ("real", image), ("synthetic", synthetic)]))
-    save_sheet(rows, out / "comparison.png", label_columns=["map"])
-
     summary = DemoSummary(
-        vqgan_psnr_db=float(np.mean(list(vqgan_run.psnr.values()))),
-        map_agreement_real=float(np.mean(real_scores)),
-        map_agreement_synthetic=float(np.mean(own)),
-        map_agreement_swapped=float(np.mean(swapped)),
+        vqgan_psnr_db=float(np.mean(list(vqgan_run.psnr.values()))), **asdict(agreement)
     )
     atomic_write_text(out / "summary.json", json.dumps(asdict(summary), indent=2))
     return summary

@@ -198,7 +198,7 @@ def demo(
     then synthetic volumes from the shared model and OUT/comparison.png."""
     from server.demo import run_federated_demo
 
-    sheet = run_federated_demo(
+    agreement = run_federated_demo(
         out_dir,
         sites=sites,
         subjects=subjects,
@@ -206,7 +206,12 @@ def demo(
         local_steps=(vqgan_steps, diffusion_steps),
         on_event=_print_event,
     )
-    out.print(f"comparison sheet: {sheet}")
+    out.print(f"comparison sheet: {out_dir / 'comparison.png'}")
+    out.print(
+        "map agreement (balanced accuracy of a label-intensity classifier, chance 0.2): real "
+        f"{agreement.map_agreement_real:.2f}, synthetic {agreement.map_agreement_synthetic:.2f}, "
+        f"synthetic vs another subject's map {agreement.map_agreement_swapped:.2f}"
+    )
 
 
 @app.command()
