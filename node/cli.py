@@ -489,3 +489,46 @@ def generate(
         out.print(f"  - {reason}", markup=False)
     if strict:
         raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def privacy(
+    cohort: Annotated[Path, typer.Argument(help="the de-identified cohort folder")],
+    policy: PolicyOpt = DEFAULT_SITE_POLICY,
+) -> None:
+    """The cohort's privacy budget: ε spent by every DP-SGD step ever taken on it (its ledger,
+    COHORT/privacy-ledger.json) and ε left, at the policy's δ and with its accountant."""
+    from lsdm.cohort import MANIFEST_NAME
+    from node.ledger import Ledger, LedgerError
+
+    if not (cohort / MANIFEST_NAME).is_file():
+        raise UserError(f"not a cohort (no {MANIFEST_NAME}): {cohort}")
+    dp = load_site_policy(policy).dp
+    try:
+        ledger = Ledger.of_cohort(cohort)
+    except LedgerError as e:
+        raise UserError(str(e)) from None
+    spent = ledger.epsilon(dp.target_delta, dp.accountant)
+    table = Table("when", "phase", "round", "steps", "noise multiplier")
+    for entry in ledger.rounds:
+        table.add_row(
+            str(entry.get("time", "")),
+            str(entry.get("phase", "")),
+            str(entry.get("round", "")),
+            str(entry.get("steps", "")),
+            f"{entry['noise_multiplier']:.3g}" if "noise_multiplier" in entry else "",
+        )
+    if ledger.rounds:
+        out.print(table)
+    out.print(f"ledger: {ledger.path} ({ledger.steps} DP-SGD steps)", markup=False)
+    out.print(
+        f"ε spent: {spent:.4g} at δ = {dp.target_delta:g} ({dp.accountant} accountant)",
+        markup=False,
+    )
+    state = "enabled" if dp.enabled else "DISABLED: training with this policy spends no ε"
+    out.print(
+        f"ε left: {max(0.0, dp.target_epsilon - spent):.4g} of {dp.target_epsilon:g} "
+        f"(policy {policy}, DP {state})",
+        markup=False,
+    )

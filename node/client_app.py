@@ -9,6 +9,12 @@ The SuperNode starts a fresh process for every message, so what must last betwee
 in the site's work folder: the cohort's latents under the shared VQ-GAN are encoded once per
 VQ-GAN and cached there (they are the site's own data and stay on the site).
 
+With ``dp.enabled`` in the site policy, phases 1 and 2 train with DP-SGD (:mod:`node.privacy`):
+the noise is set from what is left of the cohort's budget (:mod:`node.ledger`) and the steps the
+coordinator still plans; a round that does not fit is refused before any step, and the round's
+spend is written to the ledger before its first step. A DP site replies with no loss values (they
+are computed from its data without noise), and in the calibration it reports no latent range.
+
 Node configuration (``flower-supernode --node-config``, set by ``lsdm-node join``):
 ``cohort`` (folder), ``policy`` (preset or file), ``workdir`` (folder), ``threads`` (int).
 """
@@ -17,7 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -47,10 +55,10 @@ def check_round(config, policy, cohort) -> None:
         raise Refusal(f"unknown phase {phase!r}")
     if str(config["preset"]) not in PRESETS:
         raise Refusal(f"unknown model preset {config['preset']!r}")
-    if policy.dp.enabled or bool(config["dp_required"]):
+    if bool(config["dp_required"]) and not policy.dp.enabled:
         raise Refusal(
-            "differential privacy is required (by the site policy or the federation) and this "
-            "node does not train with DP-SGD yet"
+            f"the federation requires differential privacy and this site's policy "
+            f"{policy.name!r} does not enable it (dp.enabled: false)"
         )
     labels = _labels(str(config["labels"]))
     if labels != cohort.labels:
@@ -103,6 +111,160 @@ def _encoded(vqgan, vqgan_state, cohort, config, workdir: Path):
     return encoded
 
 
+def operator_log(workdir: Path, text: str) -> None:
+    """A line for the site's operator: on stderr (the SuperNode's log) and in WORKDIR/node.log."""
+    line = f"{datetime.now(UTC).isoformat(timespec='seconds')} {text}"
+    print(f"lsdm-node: {line}", file=sys.stderr, flush=True)
+    with open(workdir / "node.log", "a") as f:
+        f.write(line + "\n")
+
+
+def _plan_value(config, key: str) -> int | None:
+    return int(config[key]) if key in config else None
+
+
+def planned_segments(config_record, config, num_items: int):
+    """The DP steps of this round and of the rest of the federation's plan, as ledger
+    segments; without a plan from the coordinator, the rest is taken to be empty."""
+    from node.ledger import Segment
+    from node.privacy import sample_rate, vqgan_mechanisms
+
+    phase = str(config_record["phase"])
+    start, steps = int(config_record["step_offset"]), int(config_record["local_steps"])
+    q_vqgan = sample_rate(num_items, config.data.batch_size)
+    q_diffusion = sample_rate(num_items, config.diffusion.batch_size)
+    adversarial = config.vqgan.adversarial_start_step
+
+    def vqgan(a: int, b: int) -> list[Segment]:
+        return [Segment(q_vqgan, n, k) for n, k in vqgan_mechanisms(a, b, adversarial)]
+
+    rounds = [_plan_value(config_record, f"rounds_{p}") for p in ("vqgan", "diffusion")]
+    local = [_plan_value(config_record, f"local_steps_{p}") for p in ("vqgan", "diffusion")]
+    known = None not in rounds and None not in local
+    diffusion_total = rounds[1] * local[1] if known else 0
+    if phase == "vqgan":
+        this = vqgan(start, start + steps)
+        rest = vqgan(start + steps, rounds[0] * local[0]) if known else []
+        if diffusion_total:
+            rest.append(Segment(q_diffusion, diffusion_total))
+    else:
+        this = [Segment(q_diffusion, steps)]
+        left = diffusion_total - (start + steps)
+        rest = [Segment(q_diffusion, left)] if left > 0 else []
+    return this, rest
+
+
+def privacy_budget(config_record, policy) -> float:
+    """The site's target ε, capped by the federation's ``max_epsilon`` when it sets one."""
+    cap = float(config_record["max_epsilon"]) if "max_epsilon" in config_record else 0.0
+    return min(policy.dp.target_epsilon, cap) if cap > 0 else policy.dp.target_epsilon
+
+
+def begin_private_round(config_record, config, policy, cohort, workdir: Path) -> dict:
+    """Choose the noise for this round, refuse it if it does not fit in the budget, and write
+    its spend to the ledger before any step; returns the round's DP figures for the reply."""
+    from node.ledger import BudgetExceeded, Ledger, LedgerError, plan_noise
+
+    dp = policy.dp
+    this, rest = planned_segments(config_record, config, len(cohort.pairs))
+    target = privacy_budget(config_record, policy)
+    where = f"round {config_record['round']} ({config_record['phase']})"
+    try:
+        ledger = Ledger.of_cohort(cohort.root)
+        sigma = plan_noise(
+            ledger.history,
+            this + rest,
+            target,
+            dp.target_delta,
+            dp.accountant,
+            dp.max_noise_multiplier,
+        )
+    except (BudgetExceeded, LedgerError) as e:
+        operator_log(workdir, f"REFUSED {where}: privacy budget: {e}")
+        raise Refusal(f"privacy budget: {e}") from None
+    before = ledger.epsilon(dp.target_delta, dp.accountant)
+    ledger.record(
+        [s.at(sigma) for s in this],
+        {
+            "phase": str(config_record["phase"]),
+            "round": int(config_record["round"]),
+            "steps": int(config_record["local_steps"]),
+            "noise_multiplier": sigma,
+            "max_grad_norm": dp.max_grad_norm,
+        },
+    )
+    after = ledger.epsilon(dp.target_delta, dp.accountant)
+    operator_log(
+        workdir,
+        f"{where}: DP-SGD, noise multiplier {sigma:.3g}, clip {dp.max_grad_norm:g}; "
+        f"ε {before:.3g} -> {after:.3g} of {target:g} at δ = {dp.target_delta:g} "
+        f"({dp.accountant})",
+    )
+    return {
+        "dp": 1,
+        "epsilon": after,
+        "delta": dp.target_delta,
+        "epsilon_budget": target,
+        "noise_multiplier": sigma,
+        "max_grad_norm": dp.max_grad_norm,
+    }
+
+
+def _private_vqgan(model, dataset, config, dp_metrics: dict, start: int, steps: int) -> None:
+    from node.privacy import (
+        make_private_vqgan,
+        poisson_batches,
+        private_vqgan_step,
+        sample_rate,
+        secret_generator,
+    )
+
+    generator = secret_generator()
+    private = make_private_vqgan(
+        model,
+        dp_metrics["noise_multiplier"],
+        dp_metrics["max_grad_norm"],
+        config.data.batch_size,
+        generator,
+    )
+    q = sample_rate(len(dataset), config.data.batch_size)
+    empty = torch.zeros((0, 1, *config.data.shape))
+    try:
+        for i, indices in enumerate(poisson_batches(len(dataset), q, steps, generator)):
+            images = torch.stack([dataset[j]["image"] for j in indices]) if indices else empty
+            private_vqgan_step(model, images, private, start + i)
+    finally:
+        private.close()
+
+
+def _private_ldm(ldm, encoded, config, dp_metrics: dict, steps: int) -> None:
+    from node.privacy import (
+        make_private_ldm,
+        poisson_batches,
+        private_ldm_step,
+        sample_rate,
+        secret_generator,
+    )
+
+    generator = secret_generator()
+    private = make_private_ldm(
+        ldm,
+        dp_metrics["noise_multiplier"],
+        dp_metrics["max_grad_norm"],
+        config.diffusion.batch_size,
+        generator,
+    )
+    n = len(encoded.latents)
+    try:
+        for indices in poisson_batches(
+            n, sample_rate(n, config.diffusion.batch_size), steps, generator
+        ):
+            latents, maps = encoded.batch(indices, "cpu")
+            private_ldm_step(ldm, latents, maps, private)
+    finally:
+        private.close()
+
+
 def run_round(content: RecordDict, node_config: dict) -> RecordDict:
     """Everything a site does for one message; importable for tests without Flower processes."""
     from lsdm import diffusion
@@ -130,17 +292,34 @@ def run_round(content: RecordDict, node_config: dict) -> RecordDict:
     steps = int(config_record["local_steps"])
     torch.manual_seed(seed)
 
+    private = policy.dp.enabled
+    if phase == "calibrate" and private:
+        # The latents' extremes are a statistic of the data that no DP-SGD covers: a DP site
+        # reports none, and clips its latents to [-1, 1] under the range the others agree.
+        operator_log(workdir, "calibration: DP site, no latent range reported")
+        metrics = {"num_samples": len(cohort.pairs), "dp": 1, "latent_range_public": 1}
+        return RecordDict({"metrics": MetricRecord(metrics)})
+    dp_metrics = (
+        begin_private_round(config_record, config, policy, cohort, workdir)
+        if private and phase in ("vqgan", "diffusion")
+        else {}  # no "dp": the coordinator reads a missing flag as "trained without DP"
+    )
+
     if phase == "vqgan":
         model = vq.VQGAN(config.vqgan)
         model.load_state_dict(unpack(content.array_records["arrays"]))
-        optimisers = vq.make_optimisers(model)
         dataset = make_dataset(cohort, config.data)
-        loader = make_loader(dataset, config.data, seed, start, start + steps)
-        history = [
-            vq.train_step(model, batch["image"], optimisers, start + i)
-            for i, batch in enumerate(loader)
-        ]
-        metrics = {"num_samples": len(dataset), **_mean(history)}
+        if private:
+            _private_vqgan(model, dataset, config, dp_metrics, start, steps)
+            history = []  # losses are statistics of the data without noise: not reported
+        else:
+            optimisers = vq.make_optimisers(model)
+            loader = make_loader(dataset, config.data, seed, start, start + steps)
+            history = [
+                vq.train_step(model, batch["image"], optimisers, start + i)
+                for i, batch in enumerate(loader)
+            ]
+        metrics = {"num_samples": len(dataset), **_mean(history), **dp_metrics}
         metrics["train_seconds"] = time.perf_counter() - started
         return RecordDict({"arrays": pack(model.state_dict()), "metrics": MetricRecord(metrics)})
 
@@ -165,15 +344,19 @@ def run_round(content: RecordDict, node_config: dict) -> RecordDict:
     del shared_vqgan
     ldm = build_ldm(config, len(cohort.labels))
     ldm.load_state_dict(unpack(content.array_records["arrays"]))
-    optimiser = diffusion.make_optimiser(ldm)
-    sampler = StepBatchSampler(
-        len(encoded.latents), config.diffusion.batch_size, seed, start, start + steps
-    )
     history = []
-    for indices in sampler:
-        latents, maps = encoded.batch(indices, "cpu")
-        history.append(diffusion.train_step(ldm, latents, maps, optimiser))
-    metrics = {"num_samples": len(encoded.latents), **_mean(history)}
+    if private:
+        encoded.latents.clamp_(-1.0, 1.0)  # the agreed range, not one computed from our data
+        _private_ldm(ldm, encoded, config, dp_metrics, steps)
+    else:
+        optimiser = diffusion.make_optimiser(ldm)
+        sampler = StepBatchSampler(
+            len(encoded.latents), config.diffusion.batch_size, seed, start, start + steps
+        )
+        for indices in sampler:
+            latents, maps = encoded.batch(indices, "cpu")
+            history.append(diffusion.train_step(ldm, latents, maps, optimiser))
+    metrics = {"num_samples": len(encoded.latents), **_mean(history), **dp_metrics}
     metrics["train_seconds"] = time.perf_counter() - started
     return RecordDict({"arrays": pack(ldm.state_dict()), "metrics": MetricRecord(metrics)})
 

@@ -50,16 +50,26 @@ def check_join(spec: JoinSpec) -> None:
     for path, what in ((spec.ca, "CA certificate"), (spec.key, "site key")):
         if not Path(path).is_file():
             raise UserError(f"no such {what}: {path}")
+    from cryptography import x509
+
+    try:  # the SuperNode would otherwise retry a TLS handshake that can never succeed, forever
+        x509.load_pem_x509_certificate(Path(spec.ca).read_bytes())
+    except ValueError:
+        raise UserError(
+            f"not a PEM certificate: {spec.ca} (--ca wants the coordinator's ca.pem)"
+        ) from None
     try:
         open_cohort(spec.cohort)
     except InputError as e:
         raise UserError(str(e)) from None
     policy = load_site_policy(spec.policy)
     if policy.dp.enabled:
-        raise UserError(
-            f"policy {policy.name!r} requires differential privacy, which this node cannot "
-            "provide yet (DP-SGD is not implemented); use a policy with dp.enabled: false"
-        )
+        from node.ledger import Ledger, LedgerError
+
+        try:  # an unreadable ledger would refuse every round: say so now
+            Ledger.of_cohort(spec.cohort)
+        except LedgerError as e:
+            raise UserError(str(e)) from None
 
 
 def _toml_string(value: str) -> str:

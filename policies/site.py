@@ -246,13 +246,20 @@ class VolumePolicy(_Strict):
 
 
 class DPSettings(_Strict):
-    """Differential privacy for local training (used by the training issues)."""
+    """Differential privacy for local training: DP-SGD with a lifetime (ε, δ) budget per cohort
+    (node/privacy.py, node/ledger.py)."""
 
     enabled: bool = True
     target_epsilon: float = Field(8.0, gt=0)
     target_delta: float = Field(1e-5, gt=0, lt=1)
-    max_grad_norm: float = Field(1.0, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0, description="per-sample gradient clipping bound")
     accountant: Literal["rdp", "prv"] = "rdp"
+    max_noise_multiplier: float = Field(
+        10.0,
+        gt=0,
+        description="refuse a round whose planned steps would need more noise than this to "
+        "stay within the budget (the model would learn nothing)",
+    )
 
 
 class ReleaseGate(_Strict):

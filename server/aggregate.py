@@ -9,6 +9,7 @@ and never averaged in.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -77,4 +78,47 @@ def weighted_average(updates: list[Update]) -> State:
             out[key] = acc.to(value.dtype)
         else:
             out[key] = value.clone()
+    return out
+
+
+def privacy_problem(metrics: dict, dp_required: bool, max_epsilon: float | None) -> str | None:
+    """Why a reply breaks the federation's privacy policy, or None: a site without DP where DP
+    is required; a DP site whose reported ε is missing or above ``max_epsilon`` (which applies
+    to DP sites; whether sites without DP may take part is ``dp_required``'s to say)."""
+    private = float(metrics.get("dp", 0)) == 1
+    if dp_required and not private:
+        return "the federation requires differential privacy and the site trained without it"
+    if private:
+        epsilon = float(metrics.get("epsilon", float("nan")))
+        if not (math.isfinite(epsilon) and epsilon >= 0):
+            return "a DP site must report the ε it has spent"
+        if max_epsilon is not None and epsilon > max_epsilon * (1 + 1e-9):
+            return f"ε {epsilon:.4g} exceeds the federation's max_epsilon {max_epsilon:g}"
+    return None
+
+
+def privacy_of(metrics: dict) -> dict:
+    """What the provenance records of a site's reply: DP or not, and its (ε, δ) so far."""
+    if float(metrics.get("dp", 0)) == 1:
+        return {"dp": True, "epsilon": float(metrics["epsilon"]), "delta": float(metrics["delta"])}
+    return {"dp": False, "epsilon": None, "delta": None}
+
+
+def combined_privacy(*phases: dict[str, dict]) -> dict[str, dict]:
+    """Per site over several phases: DP only if every phase was, the largest ε and δ (ledgers
+    are cumulative, so the last phase's figures already include the earlier ones)."""
+    out: dict[str, dict] = {}
+    for phase in phases:
+        for site, record in phase.items():
+            before = out.get(site)
+            if before is None:
+                out[site] = dict(record)
+            elif not (before["dp"] and record["dp"]):
+                out[site] = {"dp": False, "epsilon": None, "delta": None}
+            else:
+                out[site] = {
+                    "dp": True,
+                    "epsilon": max(before["epsilon"], record["epsilon"]),
+                    "delta": max(before["delta"], record["delta"]),
+                }
     return out

@@ -40,6 +40,9 @@ from lsdm.vqgan import VQGAN
 from server.aggregate import (
     Update,
     change_norm,
+    combined_privacy,
+    privacy_of,
+    privacy_problem,
     trainable_keys,
     update_problem,
     weighted_average,
@@ -73,11 +76,14 @@ class Federation:
         self.ldm = build_ldm(self.config, len(self.labels))
         self.completed = 0
         self.calibrated = False
+        # per phase, per site: DP or not and the (ε, δ) of its last accepted reply
+        self.privacy: dict[str, dict[str, dict]] = {VQGAN_PHASE: {}, DIFFUSION_PHASE: {}}
         if resume and coordinator.checkpoint.is_file():
             meta = read_metadata(coordinator.checkpoint)
             load_checkpoint(coordinator.checkpoint, {"vqgan": self.vqgan, "ldm": self.ldm})
             self.completed = int(meta["completed_round"])
             self.calibrated = bool(meta["calibrated"])
+            self.privacy |= meta.get("privacy", {})
         elif coordinator.checkpoint.is_file():
             raise RuntimeError("a checkpoint exists; start with --resume or use a fresh folder")
 
@@ -97,6 +103,7 @@ class Federation:
             "completed_round": self.completed,
             "calibrated": self.calibrated,
             "policy": self.policy.name,
+            "privacy": self.privacy,
             **checkpoint_identity(self.config, self.labels),
         }
         save_checkpoint(
@@ -112,7 +119,12 @@ class Federation:
             state / "vqgan.safetensors",
             {"vqgan": self.vqgan},
             None,
-            {"kind": "vqgan", "step": self.policy.rounds.vqgan * steps.vqgan, **identity},
+            {
+                "kind": "vqgan",
+                "step": self.policy.rounds.vqgan * steps.vqgan,
+                "privacy": self.privacy[VQGAN_PHASE],
+                **identity,
+            },
         )
         save_checkpoint(
             state / "ldm.safetensors",
@@ -122,6 +134,9 @@ class Federation:
                 "kind": "ldm",
                 "step": self.policy.rounds.diffusion * steps.diffusion,
                 "vqgan_sha256": file_sha256(state / "vqgan.safetensors"),
+                "privacy": combined_privacy(
+                    self.privacy[VQGAN_PHASE], self.privacy[DIFFUSION_PHASE]
+                ),
                 **identity,
             },
         )
@@ -151,6 +166,12 @@ def round_config(fed: Federation, phase: str, round_: int) -> ConfigRecord:
             "step_offset": (local_round - 1) * local_steps,
             "seed": fed.settings.seed + round_,
             "dp_required": fed.policy.dp_required,
+            "max_epsilon": float(fed.policy.max_epsilon or 0.0),  # 0: none
+            # the whole plan, so that a DP site can spread its budget over all of it
+            "rounds_vqgan": fed.policy.rounds.vqgan,
+            "rounds_diffusion": fed.policy.rounds.diffusion,
+            "local_steps_vqgan": steps.vqgan,
+            "local_steps_diffusion": steps.diffusion,
         }
     )
 
@@ -206,8 +227,12 @@ def exchange(grid: Grid, fed: Federation, content: RecordDict, round_: int):
         for n in nodes
     ]
     replies = grid.send_and_receive(messages, timeout=fed.settings.round_timeout_s)
+    # A reply is matched to its site by the message it answers: when a site dies, the SuperLink
+    # itself answers for it ("node unavailable"), with its own id as the sender.
+    destination = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
     for reply in replies:
-        site = names.get(reply.metadata.src_node_id, str(reply.metadata.src_node_id))
+        node = destination.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        site = names.get(node, str(node))
         if reply.has_error():
             yield site, f"site failed: {reply.error.reason}"
         elif "refusal" in reply.content.config_records:
@@ -230,6 +255,13 @@ def calibrate(grid: Grid, fed: Federation) -> dict:
             problems[site] = reply
             continue
         m = reply.content.metric_records["metrics"]
+        problem = privacy_problem(dict(m), fed.policy.dp_required, None)
+        if problem:
+            problems[site] = f"rejected: {problem}"
+            continue
+        if "latent_range_public" in m:  # a DP site: no statistic of its data
+            sites.append(site)
+            continue
         channels = fed.config.vqgan.embedding_dim
         low = torch.tensor([m[f"latent_low_{c}"] for c in range(channels)])
         high = torch.tensor([m[f"latent_high_{c}"] for c in range(channels)])
@@ -241,8 +273,12 @@ def calibrate(grid: Grid, fed: Federation) -> dict:
         sites.append(site)
     if len(sites) < fed.policy.min_sites:
         raise RuntimeError(f"calibration: too few sites answered ({problems})")
-    low = torch.stack(lows).min(dim=0).values
-    high = torch.maximum(torch.stack(highs).max(dim=0).values, low + 1e-6)
+    if lows:
+        low, high = torch.stack(lows).min(dim=0).values, torch.stack(highs).max(dim=0).values
+    else:  # every site is DP: the codebook's range, a function of the shared model alone
+        codebook = fed.vqgan.codebook.detach()
+        low, high = codebook.min(dim=0).values, codebook.max(dim=0).values
+    high = torch.maximum(high, low + 1e-6)
     fed.vqgan.latent_low.copy_(low)
     fed.vqgan.latent_high.copy_(high)
     fed.calibrated = True
@@ -250,6 +286,7 @@ def calibrate(grid: Grid, fed: Federation) -> dict:
         "event": "calibrated",
         "sites": sites,
         "problems": problems,
+        "range_from": "sites" if lows else "codebook",
         "latent_low": low.tolist(),
         "latent_high": high.tolist(),
     }
@@ -280,7 +317,9 @@ def train_round(grid: Grid, fed: Federation, round_: int) -> dict:
             rejected[site] = f"rejected: unreadable weights ({e})"
             continue
         update = Update(site, state, int(metrics.pop("num_samples", 0)), metrics)
-        problem = update_problem(update, reference, fed.settings.max_update_norm, bounded)
+        problem = privacy_problem(
+            metrics, fed.policy.dp_required, fed.policy.max_epsilon
+        ) or update_problem(update, reference, fed.settings.max_update_norm, bounded)
         if problem:
             rejected[site] = f"rejected: {problem}"
         else:
@@ -297,6 +336,8 @@ def train_round(grid: Grid, fed: Federation, round_: int) -> dict:
     if len(accepted) < fed.policy.min_sites:
         entry["outcome"] = f"too few valid updates ({len(accepted)} < {fed.policy.min_sites})"
         return entry
+    for u in accepted:
+        fed.privacy[phase][u.site] = privacy_of(u.metrics)
     average = weighted_average(accepted)
     entry["change_norm"] = change_norm(average, reference, bounded)
     model.load_state_dict(average)

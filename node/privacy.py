@@ -1,0 +1,294 @@
+"""DP-SGD for a site's local training, with Opacus building blocks.
+
+What reads private data, and how each is made private (see docs/privacy.md):
+
+- phase 1, the VQ-GAN: the autoencoder (its losses read real volumes) and the discriminator (it
+  reads real volumes, and reconstructions of them) are both trained with DP-SGD on the same
+  Poisson batch; the step is accounted as one Gaussian mechanism of sensitivity sqrt(2) C
+  (:class:`node.ledger.Segment`). The generator loss backpropagates through the discriminator:
+  during that pass the discriminator's parameters do not require gradients and its per-sample
+  hooks are off, so it gets neither gradients nor per-sample gradients from it. The EMA codebook
+  would be updated from the data in every forward pass: under DP it is frozen (the quantiser
+  runs in eval mode), so it stays a function of the shared model alone.
+- phase 2, the diffusion UNet: DP-SGD on (latent, map) pairs; :func:`lsdm.diffusion.train_step`
+  is used unchanged with a :class:`opacus.optimizers.DPOptimizer`.
+
+Batches are Poisson samples (each subject joins a step's batch with probability q, batches of
+any size, empty ones included: an empty batch still takes a step of pure noise), which is what
+the accountant assumes. Noise and sampling draw from a generator seeded from the OS's entropy,
+never from the coordinator's round seed (the coordinator could otherwise subtract the noise).
+
+Per-sample gradients: Opacus hooks where it has them (Conv3d, Linear, GroupNorm, InstanceNorm),
+functorch where it has none (ConvTranspose3d); ``GRAD_SAMPLE_MODES`` picks, per network, the mode
+that measured fastest (bench/bench_dp.py). Networks are checked with ``ModuleValidator`` and
+refused if invalid; nothing is fixed silently.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import warnings
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+
+import torch
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
+from opacus.validators import ModuleValidator
+from torch import nn
+
+from lsdm import diffusion
+from lsdm import vqgan as vq
+
+# Opacus's hook on a network's first layer fires with no input gradient (the data needs none).
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients")
+
+# "hooks": Opacus's per-layer hooks (functorch only for layers without one);
+# "functorch": functorch (vmap over each layer) for every layer.
+GRAD_SAMPLE_MODES = {"autoencoder": "functorch", "discriminator": "hooks", "unet": "hooks"}
+
+
+class NotPrivatisable(Exception):
+    """The network has a layer DP-SGD cannot train (e.g. BatchNorm)."""
+
+
+def secret_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded from the OS's entropy: its draws are unknown to the coordinator."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(secrets.randbits(63))
+    return generator
+
+
+def poisson_batches(
+    num_items: int, sample_rate: float, steps: int, generator: torch.Generator
+) -> Iterator[list[int]]:
+    """``steps`` batches, each item in each batch independently with probability
+    ``sample_rate`` (batches vary in size and may be empty)."""
+    for _ in range(steps):
+        mask = torch.rand(num_items, generator=generator, device=generator.device) < sample_rate
+        yield mask.nonzero().flatten().tolist()
+
+
+def sample_rate(num_items: int, batch_size: int) -> float:
+    return min(1.0, batch_size / num_items)
+
+
+def check_valid(module: nn.Module, what: str) -> None:
+    was_training = module.training
+    module.train()  # the validator checks the network as it will train
+    errors = ModuleValidator.validate(module, strict=False)
+    module.train(was_training)
+    if errors:
+        raise NotPrivatisable(f"{what} cannot be trained with DP-SGD: {errors[:3]}")
+
+
+@dataclass
+class PrivateNet:
+    """A network with per-sample gradient hooks and its DP optimiser."""
+
+    module: GradSampleModule
+    optimiser: DPOptimizer
+
+    def noise_step(self) -> None:
+        """The step of an empty batch: no gradient, only noise (the accountant counts it)."""
+        self.optimiser.zero_grad(set_to_none=True)
+        for p in self.optimiser.params:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+        self.optimiser.step()
+
+    def close(self) -> None:
+        self.optimiser.zero_grad(set_to_none=True)
+        self.module._close()
+
+
+def make_private(
+    module: nn.Module,
+    optimiser: torch.optim.Optimizer,
+    what: str,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    expected_batch_size: int,
+    generator: torch.Generator,
+    mode: str | None = None,
+) -> PrivateNet:
+    """Per-sample gradient hooks on ``module`` (in place: calling ``module`` itself records
+    them) and a DP optimiser around ``optimiser``; ``what`` names the network for
+    ``GRAD_SAMPLE_MODES`` and error messages."""
+    check_valid(module, what)
+    mode = mode or GRAD_SAMPLE_MODES[what]
+    wrapped = GradSampleModule(
+        module, batch_first=True, loss_reduction="mean", force_functorch=mode == "functorch"
+    )
+    dp_optimiser = DPOptimizer(
+        optimiser,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=expected_batch_size,
+        loss_reduction="mean",
+        generator=generator,
+    )
+    return PrivateNet(wrapped, dp_optimiser)
+
+
+def freeze_codebook(model: vq.VQGAN) -> None:
+    """Keep the EMA codebook as it is: its update reads the data without any noise. The
+    quantiser is put in eval mode before each of its forward passes (whatever ``train()`` the
+    step calls); its codes are still used, only never moved."""
+    quantiser = model.autoencoder.quantizer.quantizer
+
+    def _eval(module, _inputs):
+        module._mode_outside = module.training
+        module.training = False
+
+    def _restore(module, _inputs, _output):
+        module.training = module._mode_outside
+
+    quantiser.register_forward_pre_hook(_eval)
+    quantiser.register_forward_hook(_restore)
+
+
+@dataclass
+class PrivateVQGAN:
+    autoencoder: PrivateNet
+    discriminator: PrivateNet
+
+    def optimisers(self) -> vq.VQGANOptimisers:
+        return vq.VQGANOptimisers(self.autoencoder.optimiser, self.discriminator.optimiser)
+
+    def close(self) -> None:
+        self.autoencoder.close()
+        self.discriminator.close()
+
+
+def make_private_vqgan(
+    model: vq.VQGAN,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    expected_batch_size: int,
+    generator: torch.Generator,
+    modes: dict[str, str] | None = None,
+) -> PrivateVQGAN:
+    modes = modes or {}
+    freeze_codebook(model)
+    optimisers = vq.make_optimisers(model)
+    common = dict(
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=expected_batch_size,
+        generator=generator,
+    )
+    return PrivateVQGAN(
+        make_private(
+            model.autoencoder,
+            optimisers.autoencoder,
+            "autoencoder",
+            mode=modes.get("autoencoder"),
+            **common,
+        ),
+        make_private(
+            model.discriminator,
+            optimisers.discriminator,
+            "discriminator",
+            mode=modes.get("discriminator"),
+            **common,
+        ),
+    )
+
+
+@contextmanager
+def _read_only(private: PrivateNet) -> Iterator[None]:
+    """The network is only read (a loss backpropagates through it to its input): its parameters
+    get no gradient and no per-sample gradient."""
+    params = [p for p in private.module.parameters() if p.requires_grad]
+    private.module.disable_hooks()
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+        private.module.enable_hooks()
+
+
+def private_vqgan_step(
+    model: vq.VQGAN, images: torch.Tensor, private: PrivateVQGAN, step: int
+) -> dict[str, float]:
+    """:func:`lsdm.vqgan.train_step` under DP-SGD: the same losses and order, with the
+    discriminator read-only during the generator's pass. An empty batch is a noise-only step of
+    each network the step trains."""
+    adversarial = step >= model.config.adversarial_start_step
+    if images.shape[0] == 0:
+        private.autoencoder.noise_step()
+        if adversarial:
+            private.discriminator.noise_step()
+        return {}
+    optimisers = private.optimisers()
+    if not adversarial:
+        return vq.autoencoder_step(model, images, optimisers.autoencoder)[0]
+    model.discriminator.train()
+    *real_features, real_logits = model.discriminator(images)
+    with _read_only(private.discriminator):
+        losses, reconstruction = vq.autoencoder_step(
+            model, images, optimisers.autoencoder, [f.detach() for f in real_features]
+        )
+    return losses | vq.discriminator_step(
+        model, real_logits, reconstruction, optimisers.discriminator
+    )
+
+
+def make_private_ldm(
+    model: diffusion.LatentDiffusion,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    expected_batch_size: int,
+    generator: torch.Generator,
+    mode: str | None = None,
+) -> PrivateNet:
+    return make_private(
+        model.unet,
+        diffusion.make_optimiser(model),
+        "unet",
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=expected_batch_size,
+        generator=generator,
+        mode=mode,
+    )
+
+
+def private_ldm_step(
+    model: diffusion.LatentDiffusion,
+    latents: torch.Tensor,
+    maps: torch.Tensor,
+    private: PrivateNet,
+) -> dict[str, float]:
+    """:func:`lsdm.diffusion.train_step` with the DP optimiser (every term of its loss is
+    per sample); an empty batch is a noise-only step (and the moving average follows it)."""
+    if latents.shape[0] == 0:
+        private.noise_step()
+        model.ema.update_parameters(model.unet)
+        return {}
+    return diffusion.train_step(model, latents, maps, private.optimiser)
+
+
+def vqgan_mechanisms(step_from: int, step_to: int, adversarial_start: int) -> list[tuple[int, int]]:
+    """(steps, mechanisms per step) of VQ-GAN steps ``step_from .. step_to-1``: one DP release
+    per step before the discriminator starts, two after."""
+    before = max(0, min(step_to, adversarial_start) - step_from)
+    after = max(0, step_to - max(step_from, adversarial_start))
+    return [(n, k) for n, k in ((before, 1), (after, 2)) if n > 0]
+
+
+def effective_noise(noise_multiplier: float, mechanisms: int) -> float:
+    return noise_multiplier / math.sqrt(mechanisms)
+
+
+@contextmanager
+def closing(*nets) -> Iterator[None]:
+    with ExitStack() as stack:
+        for net in nets:
+            stack.callback(net.close)
+        yield
