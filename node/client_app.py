@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import time
 from datetime import UTC, datetime
@@ -36,6 +37,7 @@ from flwr.clientapp import ClientApp
 app = ClientApp()
 
 PHASES = ("vqgan", "calibrate", "diffusion")
+BENCH_WAIT_ENV = "LSDM_BENCH_FIXED_WAIT_S"  # benchmark only, see fixed_wait_reply
 
 
 class Refusal(Exception):
@@ -109,6 +111,23 @@ def _encoded(vqgan, vqgan_state, cohort, config, workdir: Path):
     with atomic_path(cache) as tmp:
         save_file({"latents": encoded.latents, "label_index": encoded.label_index}, str(tmp))
     return encoded
+
+
+def fixed_wait_reply(content: RecordDict, num_samples: int, wait_s: float) -> RecordDict:
+    """Benchmark only (``bench/bench_federation.py --reference-size``, set through the
+    ``LSDM_BENCH_FIXED_WAIT_S`` environment variable of the site): local training replaced by a
+    fixed wait, the received weights sent back unchanged, so that a round of a model too big to
+    train here still measures the federation's own cost (transfers, checks, averaging)."""
+    time.sleep(wait_s)
+    config = content.config_records["config"]
+    metrics = {"num_samples": num_samples, "train_seconds": wait_s}
+    if str(config["phase"]) == "calibrate":
+        from lsdm.config import preset
+
+        for c in range(preset(str(config["preset"])).vqgan.embedding_dim):
+            metrics |= {f"latent_low_{c}": -1.0, f"latent_high_{c}": 1.0}
+        return RecordDict({"metrics": MetricRecord(metrics)})
+    return RecordDict({"arrays": content.array_records["arrays"], "metrics": MetricRecord(metrics)})
 
 
 def operator_log(workdir: Path, text: str) -> None:
@@ -279,6 +298,8 @@ def run_round(content: RecordDict, node_config: dict) -> RecordDict:
     cohort = open_cohort(Path(str(node_config["cohort"])))
     policy = load_site_policy(str(node_config["policy"]))
     check_round(config_record, policy, cohort)
+    if float(os.environ.get(BENCH_WAIT_ENV, "0")) > 0:
+        return fixed_wait_reply(content, len(cohort.ids), float(os.environ[BENCH_WAIT_ENV]))
     workdir = Path(str(node_config["workdir"]))
     workdir.mkdir(parents=True, exist_ok=True)
 
