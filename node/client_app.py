@@ -317,8 +317,13 @@ def run_round(content: RecordDict, node_config: dict) -> RecordDict:
     if phase == "calibrate" and private:
         # The latents' extremes are a statistic of the data that no DP-SGD covers: a DP site
         # reports none, and clips its latents to [-1, 1] under the range the others agree.
+        from node.ledger import Ledger
+
         operator_log(workdir, "calibration: DP site, no latent range reported")
+        delta = policy.dp.target_delta
+        spent = Ledger.of_cohort(cohort.root).epsilon(delta, policy.dp.accountant)
         metrics = {"num_samples": len(cohort.pairs), "dp": 1, "latent_range_public": 1}
+        metrics |= {"epsilon": spent, "delta": delta}  # nothing spent by this message
         return RecordDict({"metrics": MetricRecord(metrics)})
     dp_metrics = (
         begin_private_round(config_record, config, policy, cohort, workdir)
