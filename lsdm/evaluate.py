@@ -86,6 +86,13 @@ def pair_synthetic(real: Cohort, synthetic_dir: Path) -> Cohort:
     return Cohort(root=synthetic_dir, labels=real.labels, pairs=pairs)
 
 
+def split_subjects(ids: list[str], seed: int, test_share: float) -> tuple[list[str], list[str]]:
+    """(train ids, test ids): a seeded split with at least one test subject."""
+    order = np.random.default_rng(seed).permutation(len(ids))
+    n_test = max(1, round(test_share * len(ids)))
+    return sorted(ids[i] for i in order[n_test:]), sorted(ids[i] for i in order[:n_test])
+
+
 def load_volumes(cohort: Cohort, config: LSDMConfig, ids: list[str]) -> Volumes:
     by_id = {p["id"]: p for p in cohort.pairs}
     subset = Cohort(cohort.root, cohort.labels, [by_id[i] for i in ids])
@@ -163,10 +170,17 @@ def bottleneck_features(model: BasicUNet, images: torch.Tensor) -> np.ndarray:
     return torch.cat(captured).numpy()
 
 
-def _mean_pairwise_ms_ssim(images: torch.Tensor) -> float:
+def mean_pairwise_ms_ssim(
+    images: torch.Tensor, max_pairs: int | None = None, seed: int = 0
+) -> float:
+    """Mean MS-SSIM over pairs of ``images`` (N, 1, D, H, W): all pairs, or ``max_pairs`` of them
+    drawn without replacement (seeded) when there are more."""
     pairs = list(combinations(range(len(images)), 2))
     if not pairs:
         return float("nan")
+    if max_pairs is not None and len(pairs) > max_pairs:
+        chosen = np.random.default_rng(seed).choice(len(pairs), max_pairs, replace=False)
+        pairs = [pairs[i] for i in sorted(chosen)]
     return float(np.mean([ms_ssim(images[a, 0].numpy(), images[b, 0].numpy()) for a, b in pairs]))
 
 
@@ -188,10 +202,7 @@ def evaluate(
     if out.exists() and any(out.iterdir()):
         raise InputError(f"output folder is not empty: {out}")
     ids = sorted(set(real.ids) & set(synthetic.ids))
-    order = np.random.default_rng(seed).permutation(len(ids))
-    n_test = max(1, round(test_share * len(ids)))
-    test_ids = sorted(ids[i] for i in order[:n_test])
-    train_ids = sorted(ids[i] for i in order[n_test:])
+    train_ids, test_ids = split_subjects(ids, seed, test_share)
     if not train_ids:
         raise InputError(f"need at least 2 subjects with synthetic volumes, found {len(ids)}")
     vocabulary = sorted(real.labels)
@@ -249,21 +260,21 @@ def evaluate(
             "extractor_file": extractor_path.name,
             "extractor_sha256": file_sha256(extractor_path),
         },
-        "ms_ssim_between_synthetic": _mean_pairwise_ms_ssim(all_synthetic),
-        "ms_ssim_between_real": _mean_pairwise_ms_ssim(all_real),
+        "ms_ssim_between_synthetic": mean_pairwise_ms_ssim(all_synthetic),
+        "ms_ssim_between_real": mean_pairwise_ms_ssim(all_real),
         "paired": {
             "psnr_db": float(np.mean([p["psnr_db"] for p in paired])),
             "ssim": float(np.mean([p["ssim"] for p in paired])),
         },
         "intensity_by_label": {real.labels[vocabulary[k]]: v for k, v in intensities.items()},
     }
-    _plot_dice(dice, real.labels, out / "dice.png")
+    plot_dice(dice, real.labels, out / "dice.png")
     _plot_intensities(all_real, all_synthetic, all_labels, real.labels, out / "intensities.png")
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
 
 
-def _plot_dice(dice: dict, labels: dict[int, str], path: Path) -> None:
+def plot_dice(dice: dict, labels: dict[int, str], path: Path) -> None:
     names = [labels[k] for k in dice["real"]["per_class"]]
     x = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(6, 3))

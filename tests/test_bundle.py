@@ -164,7 +164,7 @@ def test_wrong_key_is_refused(signed):
 
 def test_missing_signature_is_refused(signed, tmp_path):
     with safe_open(str(signed["path"]), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
         metadata = f.metadata()
     unsigned = save_tensors(tensors, metadata=metadata | {"signature": PLACEHOLDER})
     with pytest.raises(BundleError, match="unsigned"):
@@ -241,7 +241,9 @@ def test_node_verify_command(signed, tmp_path):
     data[len(data) // 2] ^= 0xFF
     damaged.write_bytes(bytes(data))
     line = _one_error_line(
-        runner.invoke(node_app, ["verify", str(damaged), "--coordinator-key", str(signed["public"])])
+        runner.invoke(
+            node_app, ["verify", str(damaged), "--coordinator-key", str(signed["public"])]
+        )
     )
     assert "modified after signing" in line
 
