@@ -60,7 +60,7 @@ class BundleError(InputError):
 class DPBudget(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    epsilon: float = Field(gt=0)
+    epsilon: float = Field(ge=0)
     delta: float = Field(ge=0, lt=1)
 
 
@@ -72,8 +72,8 @@ class PhaseRounds(BaseModel):
 
 
 class Provenance(BaseModel):
-    """Where the generator came from. ``dp`` is each site's (ε, δ), or ``"none"`` when the models
-    were trained without differential privacy (or nothing says they were)."""
+    """Where the generator came from. ``dp``: per site its (ε, δ), or ``"none"`` for a site that
+    trained without differential privacy; ``"none"`` alone when no site did (or nothing says)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -81,7 +81,7 @@ class Provenance(BaseModel):
     sites: int = Field(ge=1, description="sites that contributed to the shared models")
     site_names: list[str] = Field(default_factory=list)
     rounds: PhaseRounds
-    dp: dict[str, DPBudget] | Literal["none"] = "none"
+    dp: dict[str, DPBudget | Literal["none"]] | Literal["none"] = "none"
     software_version: str = Field(default_factory=lambda: software_version())
     created_at: str = Field(
         default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
@@ -103,9 +103,9 @@ class Manifest(BaseModel):
 
     @property
     def worst_epsilon(self) -> float:
-        """The largest ε of any site; infinite when the models were trained without DP."""
+        """The largest ε of any site; infinite when any site trained without DP."""
         dp = self.provenance.dp
-        if dp == "none" or not dp:
+        if dp == "none" or not dp or any(b == "none" for b in dp.values()):
             return float("inf")
         return max(b.epsilon for b in dp.values())
 

@@ -391,7 +391,10 @@ def verify(
     dp = (
         "none"
         if prov.dp == "none"
-        else ", ".join(f"{s}: ε={b.epsilon:.3g}, δ={b.delta:.1g}" for s, b in prov.dp.items())
+        else ", ".join(
+            f"{s}: none" if b == "none" else f"{s}: ε={b.epsilon:.3g}, δ={b.delta:.1g}"
+            for s, b in prov.dp.items()
+        )
     )
     out.print(f"valid: {bundle}", markup=False)
     out.print(

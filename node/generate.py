@@ -79,9 +79,9 @@ def apply_gate(report: dict, gate: ReleaseGate, epsilon: float, scan_findings: i
     """The site policy's decision on a report: ``{"releasable", "reasons", ...}``.
 
     Rules: no near-copy of a training volume (always); median nearest-training distance ratio at
-    least ``min_nn_distance_ratio``; the largest site ε at most ``max_epsilon`` (a model trained
-    without DP has ε = ∞); Fréchet distance at most ``max_fid``; a clean PHI scan of the dataset
-    when ``require_clean_scan``.
+    least ``min_nn_distance_ratio``; the largest site ε at most ``max_epsilon`` (a site that
+    trained without DP counts as ε = ∞); Fréchet distance at most ``max_fid``; a clean PHI scan
+    of the dataset when ``require_clean_scan``.
     """
     reasons = []
     memorisation = report["memorisation"]
@@ -100,8 +100,8 @@ def apply_gate(report: dict, gate: ReleaseGate, epsilon: float, scan_findings: i
     if gate.max_epsilon is not None and not epsilon <= gate.max_epsilon:
         if np.isinf(epsilon):
             reasons.append(
-                f"the generator was trained without differential privacy; the policy allows at "
-                f"most epsilon {gate.max_epsilon}"
+                "the generator was trained without differential privacy (at one site or more); "
+                f"the policy allows at most epsilon {gate.max_epsilon}"
             )
         else:
             reasons.append(f"epsilon {epsilon:.3g} is above the policy's {gate.max_epsilon}")

@@ -3,8 +3,8 @@
 Sources, in order: ``--checkpoint FILE`` (a federation checkpoint, ``state/federation.safetensors``
 or a copy of one), else the final models ``serve`` exports (``state/vqgan.safetensors`` and
 ``state/ldm.safetensors``), else the last round's ``state/federation.safetensors``. Provenance
-comes from the federation policy, the round log (which sites took part, their DP (ε, δ) if they
-report one) and the checkpoint's metadata.
+comes from the federation policy, the round log (which sites took part) and the checkpoint's
+``privacy`` metadata (each site's DP (ε, δ), or none; else ε/δ metrics in the round log).
 """
 
 from __future__ import annotations
@@ -18,14 +18,25 @@ from lsdm.config import LSDMConfig
 from lsdm.errors import InputError
 from lsdm.train_ldm import build_ldm, file_sha256
 from lsdm.vqgan import VQGAN
+from server.aggregate import combined_privacy
 from server.settings import Coordinator
 
-EPSILON_KEYS = ("epsilon", "dp_epsilon")
-DELTA_KEYS = ("delta", "dp_delta")
 
-
-def _dp_from(source: dict) -> dict[str, DPBudget] | None:
-    """Per-site (ε, δ) from a metadata ``dp`` entry: ``{site: {"epsilon", "delta"}}``."""
+def _dp_from(source: dict) -> dict[str, DPBudget | str] | None:
+    """Per-site DP from checkpoint metadata: ``privacy`` as the federation writes it
+    (``{site: {"dp", "epsilon", "delta"}}``, or per phase in a federation checkpoint), or a
+    plain ``dp`` entry ``{site: {"epsilon", "delta"}}``."""
+    privacy = source.get("privacy")
+    if isinstance(privacy, dict) and set(privacy) <= {"vqgan", "diffusion"} and privacy:
+        privacy = combined_privacy(*privacy.values())
+    if isinstance(privacy, dict) and privacy:
+        try:
+            return {
+                str(site): DPBudget(epsilon=r["epsilon"], delta=r["delta"]) if r["dp"] else "none"
+                for site, r in privacy.items()
+            }
+        except (KeyError, TypeError, ValueError):
+            raise InputError("the checkpoint's privacy record is malformed") from None
     dp = source.get("dp")
     if isinstance(dp, dict) and dp:
         try:
@@ -35,20 +46,22 @@ def _dp_from(source: dict) -> dict[str, DPBudget] | None:
     return None
 
 
-def sites_and_dp(coordinator: Coordinator) -> tuple[list[str], dict[str, DPBudget]]:
+def sites_and_dp(coordinator: Coordinator) -> tuple[list[str], dict[str, DPBudget | str]]:
     """Sites whose updates were aggregated, and the last (ε, δ) each reported, if any."""
     sites: list[str] = []
-    dp: dict[str, DPBudget] = {}
+    dp: dict[str, DPBudget | str] = {}
     for entry in coordinator.rounds():
         if entry.get("event") != "round" or entry.get("outcome") != "aggregated":
             continue
         for site, metrics in entry.get("accepted", {}).items():
             if site not in sites:
                 sites.append(site)
-            eps = next((metrics[k] for k in EPSILON_KEYS if k in metrics), None)
-            delta = next((metrics[k] for k in DELTA_KEYS if k in metrics), None)
-            if eps is not None and delta is not None and eps > 0:
-                dp[site] = DPBudget(epsilon=float(eps), delta=float(delta))
+            if float(metrics.get("dp", 0)) == 1 and "epsilon" in metrics and "delta" in metrics:
+                dp[site] = DPBudget(
+                    epsilon=float(metrics["epsilon"]), delta=float(metrics["delta"])
+                )
+            elif "dp" in metrics:
+                dp[site] = "none"
     return sorted(sites), dp
 
 
@@ -110,6 +123,8 @@ def publish(folder: Path, out: Path, checkpoint: Path | None = None) -> Manifest
                 f"{total_vqgan + policy.rounds.diffusion}): nothing to publish"
             )
         dp = _dp_from(meta) or dp
+        if dp and all(b == "none" for b in dp.values()):
+            dp = {}
         provenance = Provenance(
             federation=policy.name,
             sites=max(1, len(sites) or len(coordinator.registered_sites())),

@@ -26,7 +26,7 @@ from lsdm.bundle import (
     verify_bundle,
     verify_bytes,
 )
-from lsdm.checkpoint import checkpoint_identity, save_checkpoint
+from lsdm.checkpoint import checkpoint_identity, load_checkpoint, read_metadata, save_checkpoint
 from lsdm.generate import Generator
 from lsdm.train_ldm import build_ldm, file_sha256
 from lsdm.vqgan import VQGAN
@@ -271,7 +271,15 @@ def test_server_publish_command(signed, tmp_path):
 
     state = folder / "state"
     shutil.copy(signed["vqgan"], state / "vqgan.safetensors")
-    shutil.copy(signed["ldm"], state / "ldm.safetensors")
+    ldm_meta = read_metadata(signed["ldm"])
+    ldm_meta["privacy"] = {
+        "h1": {"dp": True, "epsilon": 4.0, "delta": 1e-5},
+        "h2": {"dp": False, "epsilon": None, "delta": None},
+    }
+    config = small_config(10)
+    ldm = build_ldm(config, len(LABELS))
+    load_checkpoint(signed["ldm"], {"ldm": ldm})
+    save_checkpoint(state / "ldm.safetensors", {"ldm": ldm}, None, ldm_meta)
     rounds = [
         {"event": "round", "round": 1, "outcome": "aggregated", "accepted": {"h1": {}, "h2": {}}},
         {"event": "round", "round": 2, "outcome": "aggregated", "accepted": {"h2": {}}},
@@ -282,8 +290,9 @@ def test_server_publish_command(signed, tmp_path):
     manifest = verify_bundle(out, folder / "signing.pub.pem")
     assert manifest.provenance.federation == "default"
     assert manifest.provenance.site_names == ["h1", "h2"] and manifest.provenance.sites == 2
-    assert manifest.provenance.dp == "none"
-    assert manifest.source["ldm_sha256"] == file_sha256(signed["ldm"])
+    assert manifest.provenance.dp["h1"].epsilon == 4.0 and manifest.provenance.dp["h2"] == "none"
+    assert manifest.worst_epsilon == float("inf")  # a site without DP
+    assert manifest.source["ldm_sha256"] == file_sha256(state / "ldm.safetensors")
     with pytest.raises(BundleError, match="another key"):
         verify_bundle(out, signed["public"])
 
@@ -296,7 +305,11 @@ def test_server_publish_from_a_federation_checkpoint(tmp_path):
     vqgan, ldm = VQGAN(config.vqgan), build_ldm(config, len(LABELS))
     checkpoint = tmp_path / "federation.safetensors"
     metadata = {"kind": "federation", "completed_round": 25, "calibrated": True}
-    metadata |= {"dp": {"h1": {"epsilon": 3.0, "delta": 1e-5}}}
+    private = {"dp": True, "epsilon": 2.0, "delta": 1e-5}
+    metadata["privacy"] = {  # as the federation records it: per phase, per site
+        "vqgan": {"h1": private, "h2": private},
+        "diffusion": {"h1": private | {"epsilon": 3.0}, "h2": private | {"epsilon": 2.5}},
+    }
     save_checkpoint(
         checkpoint,
         {"vqgan": vqgan, "ldm": ldm},
@@ -311,6 +324,11 @@ def test_server_publish_from_a_federation_checkpoint(tmp_path):
     manifest = verify_bundle(out, folder / "signing.pub.pem")
     assert manifest.provenance.rounds == PhaseRounds(vqgan=20, diffusion=5)
     assert manifest.worst_epsilon == 3.0
+    assert manifest.provenance.dp["h2"].epsilon == 2.5
+    verified = runner.invoke(
+        node_app, ["verify", str(out), "--coordinator-key", str(folder / "signing.pub.pem")]
+    )
+    assert verified.exit_code == 0 and "h1: ε=3" in verified.stdout, verified.output
     generator = load_generator(out, folder / "signing.pub.pem", "cpu")
     assert torch.equal(generator.vqgan.codebook, vqgan.codebook)
     early = tmp_path / "early.safetensors"
