@@ -30,10 +30,11 @@ from lsdm.errors import InputError
 from lsdm.phantom import write_cohort
 from server.serve import descendants, free_port
 
+HELDOUT_SEED = 1000  # site i's cohort is phantom seed i; the held-out subjects are apart from all
 SITE_POLICY = {
     "kind": "site",
     "name": "demo-site",
-    "description": "Demo only: phantom data, no differential privacy (DP-SGD is a later issue).",
+    "description": "Demo only: phantom data, no differential privacy (see bench/bench_results.py).",
     "dp": {"enabled": False},
 }
 
@@ -48,6 +49,8 @@ def run_federated_demo(
     on_event: Callable[[dict], None] = lambda entry: None,
     model_preset: str = "tiny",
     generate: bool = True,
+    site_policy: dict = SITE_POLICY,
+    heldout: int = 3,
 ) -> MapAgreement | None:
     """Run the whole federation locally; returns how well the synthetic volumes follow their
     maps (None when ``generate`` is off: the federation benchmark only needs the run log)."""
@@ -93,8 +96,8 @@ def run_federated_demo(
         wait_for_sites_s=300,
     )
     atomic_write_text(settings_file, yaml.safe_dump(settings))
-    site_policy = out / "sites" / "site-policy.yaml"
-    atomic_write_text(site_policy, yaml.safe_dump(SITE_POLICY))
+    site_policy_file = out / "sites" / "site-policy.yaml"
+    atomic_write_text(site_policy_file, yaml.safe_dump(site_policy))
     names = [f"site-{chr(ord('a') + i)}" for i in range(sites)]
     for index, name in enumerate(names):
         site = out / "sites" / name
@@ -102,7 +105,7 @@ def run_federated_demo(
         cli(node_app, ["keygen", str(site / "keys")])
         cli(server_app, ["register", str(coordinator), str(site / "keys" / "site_key.pub"),
                          "--name", name])  # fmt: skip
-    write_cohort(out / "heldout", 3, shape, seed=1000)
+    write_cohort(out / "heldout", heldout, shape, seed=HELDOUT_SEED)
 
     address = f"127.0.0.1:{free_port()}"
     bin_dir = Path(sys.executable).parent
@@ -125,7 +128,7 @@ def run_federated_demo(
                             "--cohort",
                             str(site / "cohort"),
                             "--policy",
-                            str(site_policy),
+                            str(site_policy_file),
                             "--workdir",
                             str(site / "work"),
                         ],

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Every GPU figure the issues ask for, in one run on a lent GPU machine (see bench/results/):
+# model throughput at the reference preset (fp32 and bf16 autocast, ours against the plain MONAI
+# baseline, sampling included) and the cost of DP-SGD at the reference preset.
+#
+# The GPU machine has PyTorch with CUDA but none of monai, nibabel, pydantic or opacus and no
+# network: their wheels travel in .whl/ (see /work/.library/device/README.md), installed here
+# into /tmp/site. On a CPU, for a dry run: PRESET=tiny DEVICE=cpu bash bench/gpu_figures.sh
+set -uo pipefail
+PRESET=${PRESET:-reference}
+DEVICE=${DEVICE:-cuda}
+OUT=${OUT:-bench/results}
+PY=${PY:-python3}
+export PYTHONUNBUFFERED=1
+if [ -d .whl ]; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD
+else
+    export PYTHONPATH=$PWD
+fi
+if [ "$DEVICE" = cuda ]; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+fi
+$PY -c "import torch, monai, opacus; print('torch', torch.__version__, 'monai', monai.__version__, 'opacus', opacus.__version__)"
+
+# Each log keeps what its benchmark printed, even if the time limit stops it early.
+timeout ${T_MODEL:-200} $PY bench/bench_model.py --preset "$PRESET" --repeats 10 --warmup 3 \
+    --out "$OUT/model_${PRESET}_${DEVICE}_fp32.md" 2>&1 | tee "$OUT/model_fp32.log"
+timeout ${T_MODEL_BF16:-150} $PY bench/bench_model.py --preset "$PRESET" --repeats 10 --warmup 3 \
+    --bf16 --out "$OUT/model_${PRESET}_${DEVICE}_bf16.md" 2>&1 | tee "$OUT/model_bf16.log"
+timeout ${T_DP:-200} $PY bench/bench_dp.py --preset "$PRESET" --device "$DEVICE" \
+    --out "$OUT/dp_${PRESET}_${DEVICE}.md" 2>&1 | tee "$OUT/dp.log"
