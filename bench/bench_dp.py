@@ -8,8 +8,9 @@ network ("default"), Opacus hooks everywhere ("hooks": functorch only for layers
 hook for) and functorch everywhere ("functorch"). All variants are built in one process and timed
 one call at a time in turn (the median call is reported), so the machine's load falls on all
 alike. Batches are full (B volumes): under Poisson sampling a batch has B volumes on average.
-Peak memory: on a GPU ``torch.cuda.max_memory_allocated`` over the timed calls; on a CPU the rise
-of the peak RSS over the steps, in a fresh process per variant.
+Memory: what a step needs above what is held between steps (weights, optimiser state): on a GPU
+the rise of ``torch.cuda.max_memory_allocated`` during a call; on a CPU the rise of the peak RSS
+over two steps, in a fresh process per variant.
 
 Utility (``--utility``): the tiny preset trained at ε = 1, 8 and ∞ (δ = 1e-5) on one phantom
 cohort (Poisson batches, the noise planned over the VQ-GAN and diffusion steps together, as a site
@@ -64,6 +65,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def _release(*nets) -> None:
+    """Free the per-sample gradients once the step is taken (the next step would anyway), so
+    that variants built side by side do not hold each other's."""
+    for net in nets:
+        for p in net.optimiser.params:
+            p.grad_sample = None
+            p.summed_grad = None
+
+
 def build(name: str, variant: str, config: LSDMConfig, device: torch.device):
     """The step function of one measurement and variant, and the volumes one call handles."""
     torch.manual_seed(0)
@@ -81,7 +91,12 @@ def build(name: str, variant: str, config: LSDMConfig, device: torch.device):
         dp = privacy.make_private_vqgan(
             model, 1.0, 1.0, batch, generator, _modes(variant, NETWORKS[name])
         )
-        return (lambda: privacy.private_vqgan_step(model, images, dp, step)), batch
+
+        def fn():
+            privacy.private_vqgan_step(model, images, dp, step)
+            _release(dp.autoencoder, dp.discriminator)
+
+        return fn, batch
     batch = config.diffusion.batch_size
     latent_shape = (config.vqgan.embedding_dim, *(n // 4 for n in shape))
     model = diffusion.LatentDiffusion(config.diffusion, latent_shape[0], len(LABELS)).to(device)
@@ -95,7 +110,12 @@ def build(name: str, variant: str, config: LSDMConfig, device: torch.device):
     dp = privacy.make_private_ldm(
         model, 1.0, 1.0, batch, generator, modes["unet"] if modes else None
     )
-    return (lambda: privacy.private_ldm_step(model, latents, maps, dp)), batch
+
+    def fn():
+        privacy.private_ldm_step(model, latents, maps, dp)
+        _release(dp)
+
+    return fn, batch
 
 
 def time_all(name: str, config: LSDMConfig, device_name: str, repeats: int, warmup: int) -> dict:
@@ -112,13 +132,15 @@ def time_all(name: str, config: LSDMConfig, device_name: str, repeats: int, warm
         for variant, (fn, _) in built.items():
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
+                resident = torch.cuda.memory_allocated()
             _sync(device)
             start = time.perf_counter()
             fn()
             _sync(device)
             times[variant].append(time.perf_counter() - start)
-            if device.type == "cuda":
-                peak[variant] = max(peak[variant], torch.cuda.max_memory_allocated() / 2**30)
+            if device.type == "cuda":  # what the step needs above what is held between steps
+                rise = (torch.cuda.max_memory_allocated() - resident) / 2**30
+                peak[variant] = max(peak[variant], rise)
     return {
         v: {"seconds": statistics.median(times[v]), "volumes": built[v][1], "peak_gib": peak[v]}
         for v in VARIANTS
@@ -144,13 +166,26 @@ def in_fresh_process(function, *arguments):
     queue = context.Queue()
     process = context.Process(target=_child, args=(queue, function, *arguments))
     process.start()
-    result = queue.get()
+    while True:
+        try:
+            result = queue.get(timeout=5)
+            break
+        except Exception:  # queue.Empty: still working, unless it died
+            if not process.is_alive():
+                raise RuntimeError(f"{function.__name__} failed in its process") from None
     process.join()
     return result
 
 
 def speed(args) -> str:
     config = preset(args.preset)
+    overrides = {
+        "data": {"shape": args.shape} if args.shape else {},
+        "diffusion": {"batch_size": args.ldm_batch} if args.ldm_batch else {},
+    }
+    if args.vqgan_batch:
+        overrides["data"]["batch_size"] = args.vqgan_batch
+    config = config.with_overrides(**overrides)
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
     device_name = (
@@ -173,7 +208,7 @@ def speed(args) -> str:
             print(rows[-1], file=sys.stderr, flush=True)
     shape = "x".join(map(str, config.data.shape))
     memory = (
-        "peak GPU memory allocated, GiB"
+        "peak GPU memory of the step above the memory held between steps, GiB"
         if on_gpu
         else "peak RSS rise over 2 steps (fresh process), GiB"
     )
@@ -289,7 +324,8 @@ def utility(args) -> str:
     from lsdm.data import open_cohort
     from lsdm.phantom import write_cohort
 
-    shape = tuple(args.shape)
+    shape = tuple(args.shape or (24, 48, 48))
+    args.vqgan_batch, args.ldm_batch = args.vqgan_batch or 4, args.ldm_batch or 8
     config = preset("tiny").with_overrides(
         data={"shape": shape, "batch_size": args.vqgan_batch},
         diffusion={"batch_size": args.ldm_batch},
@@ -342,11 +378,13 @@ def main() -> None:
         "--epsilons", type=float, nargs="+", default=[1.0, 8.0, math.inf], help="for --utility"
     )
     parser.add_argument("--subjects", type=int, default=16, help="for --utility")
-    parser.add_argument("--shape", type=int, nargs=3, default=[24, 48, 48], help="for --utility")
+    parser.add_argument(
+        "--shape", type=int, nargs=3, help="default: the preset's; 24 48 48 for --utility"
+    )
     parser.add_argument("--vqgan-steps", type=int, default=200, help="for --utility")
     parser.add_argument("--ldm-steps", type=int, default=500, help="for --utility")
-    parser.add_argument("--vqgan-batch", type=int, default=4, help="for --utility")
-    parser.add_argument("--ldm-batch", type=int, default=8, help="for --utility")
+    parser.add_argument("--vqgan-batch", type=int, help="default: the preset's; 4 for --utility")
+    parser.add_argument("--ldm-batch", type=int, help="default: the preset's; 8 for --utility")
     parser.add_argument("--out", type=Path, help="also write the table to this file")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
