@@ -40,6 +40,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+STARTUP_S = 180.0  # generous: a process that dies is noticed at once (``alive``)
+
+
 def wait_for_port(host: str, port: int, timeout: float, alive: Callable[[], bool]) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -193,7 +196,7 @@ def serve(
             ],
             "superlink.log",
         )  # fmt: skip
-        wait_for_port("127.0.0.1", control_port, 60, lambda: superlink.poll() is None)
+        wait_for_port("127.0.0.1", control_port, STARTUP_S, lambda: superlink.poll() is None)
         write_flwr_config(coordinator, control_port)
         sites = register_sites(services)
         gateway = services.start(
@@ -207,7 +210,7 @@ def serve(
             ],
             "gateway.log",
         )  # fmt: skip
-        wait_for_port(host.strip("[]"), int(port), 30, lambda: gateway.poll() is None)
+        wait_for_port(host.strip("[]"), int(port), STARTUP_S, lambda: gateway.poll() is None)
         on_event({"event": "listening", "address": address, "sites": sites})
         run_id = start_run(services, resume)
         on_event({"event": "run", "run_id": run_id})
