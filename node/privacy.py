@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 from opacus import GradSampleModule
+from opacus.grad_sample import register_grad_sampler
 from opacus.optimizers import DPOptimizer
 from opacus.validators import ModuleValidator
 from torch import nn
@@ -45,9 +46,74 @@ from lsdm import vqgan as vq
 # Opacus's hook on a network's first layer fires with no input gradient (the data needs none).
 warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients")
 
-# "hooks": Opacus's per-layer hooks (functorch only for layers without one);
-# "functorch": functorch (vmap over each layer) for every layer.
-GRAD_SAMPLE_MODES = {"autoencoder": "functorch", "discriminator": "hooks", "unet": "hooks"}
+# "hooks": per-layer hooks (Opacus's, and this module's for Conv3d and ConvTranspose3d);
+# "functorch": functorch (vmap for every layer).
+GRAD_SAMPLE_MODES = {"autoencoder": "hooks", "discriminator": "hooks", "unet": "hooks"}
+
+
+def _empty_grads(layer: nn.Module) -> dict:
+    grads = {layer.weight: torch.zeros_like(layer.weight).unsqueeze(0)}
+    if layer.bias is not None and layer.bias.requires_grad:
+        grads[layer.bias] = torch.zeros_like(layer.bias).unsqueeze(0)
+    return grads
+
+
+def _grouped(t: torch.Tensor) -> torch.Tensor:
+    """(B, C, ...) -> (1, B*C, ...): each sample its own group of channels."""
+    return t.reshape(1, -1, *t.shape[2:])
+
+
+@register_grad_sampler(nn.Conv3d)
+def conv3d_grad_sample(layer: nn.Conv3d, activations, backprops) -> dict:
+    """Per-sample weight gradients of a Conv3d as ONE grouped weight-gradient convolution (one
+    group per sample), instead of Opacus's unfold (im2col), which materialises k^3 copies of the
+    input and is several times slower on 3D volumes."""
+    x = activations[0].to(backprops.dtype)
+    n = x.shape[0]
+    if n == 0:
+        return _empty_grads(layer)
+    if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
+        from opacus.grad_sample.conv import compute_conv_grad_sample
+
+        return compute_conv_grad_sample(layer, activations, backprops)
+    weight = torch.nn.grad.conv3d_weight(
+        _grouped(x),
+        (n * layer.out_channels, layer.in_channels // layer.groups, *layer.kernel_size),
+        _grouped(backprops),
+        stride=layer.stride,
+        padding=layer.padding,
+        dilation=layer.dilation,
+        groups=n * layer.groups,
+    )
+    grads = {layer.weight: weight.view(n, *layer.weight.shape)}
+    if layer.bias is not None and layer.bias.requires_grad:
+        grads[layer.bias] = backprops.sum(dim=(2, 3, 4))
+    return grads
+
+
+@register_grad_sampler(nn.ConvTranspose3d)
+def conv_transpose3d_grad_sample(layer: nn.ConvTranspose3d, activations, backprops) -> dict:
+    """Per-sample weight gradients of a ConvTranspose3d (Opacus has no hook for it). The layer
+    is the adjoint of a convolution with the same weight, so its weight gradient is that
+    convolution's weight gradient with the output gradient as input and the layer's input as
+    output gradient; one group per sample, as for Conv3d."""
+    x = activations[0].to(backprops.dtype)
+    n = x.shape[0]
+    if n == 0:
+        return _empty_grads(layer)
+    weight = torch.nn.grad.conv3d_weight(
+        _grouped(backprops),
+        (n * layer.in_channels, layer.out_channels // layer.groups, *layer.kernel_size),
+        _grouped(x),
+        stride=layer.stride,
+        padding=layer.padding,
+        dilation=layer.dilation,
+        groups=n * layer.groups,
+    )
+    grads = {layer.weight: weight.view(n, *layer.weight.shape)}
+    if layer.bias is not None and layer.bias.requires_grad:
+        grads[layer.bias] = backprops.sum(dim=(2, 3, 4))
+    return grads
 
 
 class NotPrivatisable(Exception):

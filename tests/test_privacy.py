@@ -143,6 +143,31 @@ def test_noise_has_the_expected_scale(images):
     assert abs(float(noise.mean())) < 0.05
 
 
+@pytest.mark.parametrize(
+    "layer",
+    [
+        torch.nn.Conv3d(3, 5, 3, padding=1),
+        torch.nn.Conv3d(4, 6, 4, stride=2, padding=1, groups=2),
+        torch.nn.ConvTranspose3d(4, 3, 4, stride=2, padding=1),
+        torch.nn.ConvTranspose3d(4, 2, 3, padding=1, bias=False),
+    ],
+    ids=str,
+)
+def test_grouped_per_sample_conv_gradients_equal_one_sample_at_a_time(layer):
+    x = torch.randn(3, layer.in_channels, 6, 8, 8)
+    grad_out = torch.randn_like(layer(x))
+    if isinstance(layer, torch.nn.Conv3d):
+        got = privacy.conv3d_grad_sample(layer, [x], grad_out)
+    else:
+        got = privacy.conv_transpose3d_grad_sample(layer, [x], grad_out)
+    for i in range(3):
+        layer.zero_grad()
+        (layer(x[i : i + 1]) * grad_out[i : i + 1]).sum().backward()
+        assert torch.allclose(got[layer.weight][i], layer.weight.grad, atol=1e-4)
+        if layer.bias is not None:
+            assert torch.allclose(got[layer.bias][i], layer.bias.grad, atol=1e-4)
+
+
 def test_a_network_with_batchnorm_is_refused_not_fixed():
     net = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3), torch.nn.BatchNorm3d(2))
     with pytest.raises(privacy.NotPrivatisable, match="BatchNorm"):
