@@ -10,7 +10,8 @@ Steps, each timed on its own:
    ``lsdm-node generate`` takes), after one warm-up batch; seconds per volume;
 3. build the release report of those volumes against a phantom real cohort of as many subjects
    (``build_report`` + ``write_report``: loading, picture sheet, segmenter training for
-   ``--segmentation-steps`` steps on the CPU, Dice, Fréchet distance, MS-SSIM, memorisation).
+   ``--segmentation-steps`` steps on the same device, Dice, Fréchet distance, MS-SSIM,
+   memorisation).
 
     .venv/bin/python bench/bench_release.py                                    # tiny, CPU
     .venv/bin/python bench/bench_release.py --device cuda --preset reference   # on a GPU
@@ -116,6 +117,7 @@ def main() -> None:
             provenance.model_dump(mode="json"),
             {"steps": args.steps},
             segmentation_steps=args.segmentation_steps,
+            device=args.device,
         )
         report["release"] = {"releasable": True, "reasons": []}
         write_report(report, out)
@@ -129,7 +131,8 @@ def main() -> None:
         "",
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads; {args.volumes} volumes, {args.steps} sampling steps, "
-        f"guidance 1.5, batch {batch}; report segmenter {args.segmentation_steps} steps (CPU)",
+        f"guidance 1.5, batch {batch}; report segmenter {args.segmentation_steps} steps "
+        "on the same device",
         "",
         "| what | seconds |",
         "|---|---|",

@@ -119,17 +119,24 @@ def make_segmenter(num_labels: int) -> BasicUNet:
 
 
 def train_segmenter(
-    train: list[Volumes], num_labels: int, steps: int, seed: int, on_step: Callable | None
+    train: list[Volumes],
+    num_labels: int,
+    steps: int,
+    seed: int,
+    on_step: Callable | None,
+    device: torch.device | str = "cpu",
 ) -> BasicUNet:
+    """Train on ``device`` (the volumes stay on the CPU, batches move); the model stays there."""
     torch.manual_seed(seed)
-    model = make_segmenter(num_labels)
+    model = make_segmenter(num_labels).to(device)
     images = torch.cat([v.images for v in train])
     labels = torch.cat([v.labels for v in train])
     optimiser = torch.optim.Adam(model.parameters(), lr=2e-3)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     model.train()
     for step, batch in enumerate(StepBatchSampler(len(images), 2, seed, 0, steps)):
-        loss = loss_fn(model(images[batch]), labels[batch].unsqueeze(1))
+        target = labels[batch].unsqueeze(1).to(device)
+        loss = loss_fn(model(images[batch].to(device)), target)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
@@ -138,12 +145,16 @@ def train_segmenter(
     return model.eval()
 
 
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 @torch.no_grad()
 def segment_dice(model: BasicUNet, volumes: Volumes, vocabulary: list[int]) -> dict:
     """Mean over subjects of each label's foreground Dice (NaN-free mean per label)."""
     per_subject = []
     for image, truth in zip(volumes.images, volumes.labels, strict=True):
-        prediction = model(image[None]).argmax(1)[0]
+        prediction = model(image[None].to(_device_of(model))).argmax(1)[0].cpu()
         per_subject.append(
             foreground_dice(prediction.numpy(), truth.numpy(), list(range(len(vocabulary))))
         )
@@ -161,11 +172,11 @@ def bottleneck_features(model: BasicUNet, images: torch.Tensor) -> np.ndarray:
     """(N, C): the UNet's deepest block, averaged over space: the Fréchet feature extractor."""
     captured = []
     handle = model.down_4.register_forward_hook(
-        lambda m, i, out: captured.append(out.mean((2, 3, 4)))
+        lambda m, i, out: captured.append(out.mean((2, 3, 4)).cpu())
     )
     with torch.no_grad():
         for image in images:
-            model(image[None])
+            model(image[None].to(_device_of(model)))
     handle.remove()
     return torch.cat(captured).numpy()
 

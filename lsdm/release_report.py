@@ -33,6 +33,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
 from lsdm.atomic import atomic_path, atomic_write_text  # noqa: E402
@@ -122,6 +123,7 @@ def build_report(
     seed: int = 0,
     sample_subjects: int = 4,
     on_stage: Callable[[str, int], Callable | None] | None = None,
+    device: torch.device | str = "cpu",
 ) -> dict:
     """Measure the dataset in ``synthetic_dir`` and write the report's pictures there; returns
     the report (``release`` still empty: see :func:`write_report`)."""
@@ -152,6 +154,7 @@ def build_report(
         segmentation_steps,
         seed,
         progress("segmenter", segmentation_steps),
+        device,
     )
     fidelity_files = fidelity.pop("_files")
     extractor_path = synthetic_dir / PRIVATE_DIR / "extractor.safetensors"
@@ -216,6 +219,7 @@ def _fidelity(
     steps: int,
     seed: int,
     on_step: Callable | None = None,
+    device: torch.device | str = "cpu",
 ) -> dict:
     train_ids, test_ids = split_subjects(real.ids, seed, 0.34)
     index = {sid: i for i, sid in enumerate(real_all.ids)}
@@ -224,7 +228,7 @@ def _fidelity(
         rows = [index[i] for i in ids]
         return Volumes(ids, real_all.images[rows], real_all.labels[rows])
 
-    segmenter = train_segmenter([subset(train_ids)], len(vocabulary), steps, seed, on_step)
+    segmenter = train_segmenter([subset(train_ids)], len(vocabulary), steps, seed, on_step, device)
     unseen = [i for i, sid in enumerate(syn.ids) if sid not in set(train_ids)]
     scored = unseen or list(range(len(syn.ids)))
     syn_scored = Volumes([syn.ids[i] for i in scored], syn.images[scored], syn.labels[scored])

@@ -212,7 +212,7 @@ def generate(
         if not spec.report:
             return GenerateResult(len(made), len(paths), None)
         generation = {
-            "maps": str(maps_dir),
+            "maps": maps_dir.name if spec.maps is not None else "the cohort's own maps",
             "maps_augmented": spec.augment_maps,
             "steps": spec.steps,
             "guidance": spec.guidance,
@@ -239,6 +239,7 @@ def generate(
             segmentation_steps=spec.segmentation_steps,
             seed=spec.seed,
             on_stage=on_stage,
+            device=generator.device,
         )
     report["release"] = {"policy": policy.name} | apply_gate(
         report, policy.release, manifest.worst_epsilon, scan_dataset(spec.out, policy)
