@@ -346,12 +346,22 @@ def join(
         typer.Option(help="folder for the site's round state (default: COHORT/../federation)"),
     ] = None,
     threads: Annotated[int, typer.Option(min=1, help="CPU threads for local training")] = 1,
+    coordinator_key: Annotated[
+        Path,
+        typer.Option(
+            "--coordinator-key",
+            help="the coordinator's public signing key (signing.pub.pem), pinned at the first "
+            "join: the generator bundle handed out at the end must be signed with it",
+        ),
+    ] = ...,
 ) -> None:
     """Join a federation: run a Flower SuperNode that trains on the cohort each round.
 
-    Only weights and aggregate metrics (sample count, mean losses) leave the site. The node
-    refuses apps that carry code, rounds its policy rules out and a foreign label vocabulary;
-    it reconnects by itself when the coordinator restarts.
+    Only weights and aggregate metrics leave the site (sample count and mean losses; a DP site
+    sends its ε instead of losses). The node refuses apps that carry code, rounds its policy
+    rules out (or its privacy budget cannot pay for) and a foreign label vocabulary; it
+    reconnects by itself when the coordinator restarts. When training ends it stores the signed
+    generator bundle in WORKDIR/generator.lsdm, if the signature verifies.
     """
     from node.join import JoinSpec
     from node.join import join as run_join
@@ -364,6 +374,7 @@ def join(
         policy=policy,
         workdir=workdir or cohort.resolve().parent / f"{cohort.resolve().name}-federation",
         threads=threads,
+        coordinator_key=coordinator_key,
     )
     raise typer.Exit(run_join(spec))
 

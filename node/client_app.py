@@ -394,3 +394,40 @@ def train(msg: Message, context: Context) -> Message:
     except Refusal as refusal:
         content = RecordDict({"refusal": ConfigRecord({"reason": str(refusal)})})
     return Message(content=content, reply_to=msg)
+
+
+def receive_bundle(content: RecordDict, node_config: dict) -> RecordDict:
+    """The end of training: verify the generator bundle against the coordinator key pinned at
+    join time and store it atomically; a bundle that fails the check is refused, not stored."""
+    from lsdm.bundle import key_fingerprint, load_public_key, store_bundle
+    from lsdm.errors import InputError
+
+    if "coordinator_key" not in node_config:
+        raise Refusal("no coordinator key pinned (lsdm-node join --coordinator-key): not stored")
+    data = content.array_records["bundle"]["bytes"].numpy().tobytes()
+    try:
+        key = load_public_key(Path(str(node_config["coordinator_key"])))
+        manifest = store_bundle(data, key, Path(str(node_config["bundle"])))
+    except InputError as e:  # BundleError included: tampered, unsigned, another signer
+        raise Refusal(f"generator bundle refused: {e}") from None
+    return RecordDict(
+        {
+            "stored": ConfigRecord(
+                {
+                    "path": str(node_config["bundle"]),
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                    "signer": key_fingerprint(key),
+                    "created_at": manifest.provenance.created_at,
+                }
+            )
+        }
+    )
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    try:
+        content = receive_bundle(msg.content, dict(context.node_config))
+    except Refusal as refusal:
+        content = RecordDict({"refusal": ConfigRecord({"reason": str(refusal)})})
+    return Message(content=content, reply_to=msg)

@@ -4,6 +4,11 @@ The SuperNode connects out to the coordinator over TLS (the coordinator's CA onl
 site's identity with its key, and runs the installed ClientApp (:mod:`node.client_app`) behind
 the app guard (:mod:`node.app_guard`). It retries the connection by itself, so a coordinator
 restart is ridden out.
+
+The coordinator's public signing key is pinned at the first join: copied into the work folder,
+and a later join with another key is refused. When training ends the coordinator hands out the
+signed generator bundle; the site stores it (``WORKDIR/generator.lsdm``) only if its signature
+verifies against the pinned key.
 """
 
 from __future__ import annotations
@@ -31,6 +36,11 @@ class JoinSpec:
     workdir: Path
     threads: int = 1
     runtime_port: int | None = None
+    coordinator_key: Path | None = None  # signing.pub.pem; without one, bundles are refused
+
+
+PINNED_KEY = "coordinator.pub.pem"
+BUNDLE_FILE = "generator.lsdm"
 
 
 def free_port() -> int:
@@ -62,6 +72,8 @@ def check_join(spec: JoinSpec) -> None:
         open_cohort(spec.cohort)
     except InputError as e:
         raise UserError(str(e)) from None
+    if spec.coordinator_key is not None:
+        pin_coordinator_key(spec, dry_run=True)
     policy = load_site_policy(spec.policy)
     if policy.dp.enabled:
         from node.ledger import Ledger, LedgerError
@@ -70,6 +82,33 @@ def check_join(spec: JoinSpec) -> None:
             Ledger.of_cohort(spec.cohort)
         except LedgerError as e:
             raise UserError(str(e)) from None
+
+
+def pin_coordinator_key(spec: JoinSpec, dry_run: bool = False) -> Path:
+    """Copy the coordinator's signing key into the work folder (once); refuse another key later.
+    Returns the pinned copy's path."""
+    from lsdm.bundle import load_public_key
+    from lsdm.errors import InputError
+
+    try:
+        load_public_key(Path(spec.coordinator_key))
+    except InputError as e:
+        raise UserError(f"--coordinator-key: {e}") from None
+    given = Path(spec.coordinator_key).read_bytes()
+    pinned = Path(spec.workdir).resolve() / PINNED_KEY
+    if pinned.is_file():
+        if pinned.read_bytes() != given:
+            raise UserError(
+                f"{pinned} pins another coordinator key than {spec.coordinator_key}: this work "
+                "folder belongs to another federation (use another --workdir)"
+            )
+    elif not dry_run:
+        from lsdm.atomic import atomic_path
+
+        pinned.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(pinned) as tmp:
+            tmp.write_bytes(given)
+    return pinned
 
 
 def _toml_string(value: str) -> str:
@@ -91,6 +130,14 @@ def supernode_command(spec: JoinSpec) -> tuple[list[str], dict[str, str]]:
             f"workdir={_toml_string(str(workdir / 'rounds'))}",
             f"threads={spec.threads}",
         ]
+        + (
+            [
+                f"coordinator_key={_toml_string(str(workdir / PINNED_KEY))}",
+                f"bundle={_toml_string(str(workdir / BUNDLE_FILE))}",
+            ]
+            if spec.coordinator_key is not None
+            else []
+        )
     )
     supernode = shutil.which("flower-supernode", path=str(Path(sys.executable).parent))
     command = [
@@ -115,6 +162,8 @@ def supernode_command(spec: JoinSpec) -> tuple[list[str], dict[str, str]]:
 def join(spec: JoinSpec) -> int:
     """Run the SuperNode until it stops; returns its exit status."""
     check_join(spec)
+    if spec.coordinator_key is not None:
+        pin_coordinator_key(spec)
     command, env = supernode_command(spec)
     process = subprocess.Popen(command, env=env)
     # stopping join stops the SuperNode (which stops its own children)

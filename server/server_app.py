@@ -52,6 +52,7 @@ from server.settings import Coordinator, CoordinatorSettings
 app = ServerApp()
 
 VQGAN_PHASE, DIFFUSION_PHASE, CALIBRATE = "vqgan", "diffusion", "calibrate"
+BUNDLE_FILE = "generator.lsdm"  # the signed generator bundle, in state/
 MAX_FAILED_ATTEMPTS = 3  # attempts at one round before the run gives up
 
 
@@ -218,12 +219,14 @@ def wait_for_sites(grid: Grid, fed: Federation) -> list[int]:
         time.sleep(1.0)
 
 
-def exchange(grid: Grid, fed: Federation, content: RecordDict, round_: int):
+def exchange(
+    grid: Grid, fed: Federation, content: RecordDict, round_: int, message_type: str = "train"
+):
     """Send ``content`` to every connected site; yield (site name, reply or error text)."""
     nodes = wait_for_sites(grid, fed)
     names = node_names(grid)
     messages = [
-        Message(content=content, dst_node_id=n, message_type="train", group_id=str(round_))
+        Message(content=content, dst_node_id=n, message_type=message_type, group_id=str(round_))
         for n in nodes
     ]
     replies = grid.send_and_receive(messages, timeout=fed.settings.round_timeout_s)
@@ -361,6 +364,35 @@ def _save_state(path: Path, state: dict, site: str, num_samples: int) -> None:
         save_file(tensors, str(tmp), metadata={"site": site, "num_samples": str(num_samples)})
 
 
+def hand_out(grid: Grid, fed: Federation) -> dict:
+    """Sign the generator bundle of the final models (``state/generator.lsdm``) and send it to
+    every connected site; each stores it only if the signature verifies against the coordinator
+    key it pinned when it joined. The log line says which sites stored it (and its SHA-256)."""
+    import hashlib
+
+    from server.publish import publish
+
+    path = fed.coordinator.state / BUNDLE_FILE
+    publish(fed.coordinator.root, path)
+    data = path.read_bytes()
+    content = RecordDict(
+        {"bundle": ArrayRecord({"bytes": Array(np.frombuffer(data, dtype=np.uint8))})}
+    )
+    stored, refused = [], {}
+    for site, reply in exchange(grid, fed, content, fed.total_rounds, message_type="query"):
+        if isinstance(reply, str):
+            refused[site] = reply
+        else:
+            stored.append(site)
+    return {
+        "event": "handed_out",
+        "bundle": str(path),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "stored": sorted(stored),
+        "refused": refused,
+    }
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     coordinator = Coordinator(Path(str(context.run_config["coordinator-dir"])))
@@ -392,4 +424,5 @@ def main(grid: Grid, context: Context) -> None:
         log_line(coordinator, entry)
         round_ += 1
     fed.export()
+    log_line(coordinator, hand_out(grid, fed))
     log_line(coordinator, {"event": "finished", "rounds": fed.total_rounds})

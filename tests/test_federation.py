@@ -27,6 +27,7 @@ import yaml
 from safetensors import safe_open
 from typer.testing import CliRunner
 
+from lsdm.bundle import load_public_key, verify_bundle
 from lsdm.phantom import write_cohort
 from node.cli import app as node_app
 from node.join import JoinSpec, supernode_command
@@ -132,9 +133,11 @@ def make_site(root: Path, name: str, subjects: int, seed: int, coordinator: Path
 
 
 def join(processes: Processes, site: dict, address: str, ca: Path) -> subprocess.Popen:
+    signing_key = Path(ca).parents[1] / "signing.pub.pem"  # beside tls/ in the coordinator folder
     command = [str(BIN / "lsdm-node"), "join", "--server", address, "--ca", str(ca),
                "--key", str(site["key"]), "--cohort", str(site["cohort"]),
-               "--policy", str(site["policy"]), "--workdir", str(site["dir"] / "work")]  # fmt: skip
+               "--policy", str(site["policy"]), "--workdir", str(site["dir"] / "work"),
+               "--coordinator-key", str(signing_key)]  # fmt: skip
     return processes.start(command, site["dir"] / "join.log")
 
 
@@ -318,3 +321,16 @@ def test_two_sites_complete_both_phases_and_bad_updates_are_rejected(federation)
     vqgan = _model(state / "vqgan.safetensors", "vqgan")
     assert vqgan["latent_low"].tolist() == pytest.approx(calibrated["latent_low"])
     assert (vqgan["latent_high"] > vqgan["latent_low"]).all()
+
+    # every honest site holds the signed generator bundle, verified against its pinned key;
+    # mallory joined without pinning a coordinator key, so it refused to store one
+    handed = next(e for e in rounds(coordinator) if e["event"] == "handed_out")
+    assert handed["stored"] == ["alpha", "beta"]
+    assert "no coordinator key pinned" in handed["refused"]["mallory"]
+    public = load_public_key(coordinator / "signing.pub.pem")
+    for name in ("alpha", "beta"):
+        bundle = federation["sites"][name]["dir"] / "work" / "generator.lsdm"
+        assert bundle.read_bytes() == (state / "generator.lsdm").read_bytes()
+        manifest = verify_bundle(bundle, public)
+        assert manifest.provenance.site_names == ["alpha", "beta"]
+    assert not (federation["sites"]["mallory"]["dir"] / "work" / "generator.lsdm").exists()

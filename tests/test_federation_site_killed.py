@@ -31,7 +31,7 @@ def processes():
 
 
 def training(join_process) -> bool:
-    """Whether the site is inside a round: its SuperNode runs a ClientApp process (``node.app_guard``)."""
+    """Whether the site is inside a round: its SuperNode runs a ClientApp (``node.app_guard``)."""
     for pid in descendants(join_process.pid):
         with contextlib.suppress(OSError):
             if b"node.app_guard" in Path(f"/proc/{pid}/cmdline").read_bytes():

@@ -5,12 +5,14 @@ training, and the CLIs' one-line errors."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from typer.testing import CliRunner
 
 from lsdm.config import preset
@@ -18,7 +20,9 @@ from lsdm.phantom import write_cohort
 from lsdm.vqgan import VQGAN
 from node.app_guard import ForbiddenApp, check_app_folder
 from node.cli import app as node_app
-from node.client_app import pack, run_round, unpack
+from node.client_app import Refusal, pack, receive_bundle, run_round, unpack
+from node.errors import UserError
+from node.join import JoinSpec, check_join, pin_coordinator_key
 from server.aggregate import Update, trainable_keys, update_problem, weighted_average
 from server.cli import app as server_app
 from server.settings import APP_PYPROJECT
@@ -141,17 +145,51 @@ def test_site_refuses_rounds_it_must_not_train(site, overrides, reason):
         run_round(_content(labels, **overrides), node_config)
 
 
-def test_join_refuses_a_policy_that_requires_dp(site, tmp_path):
+@pytest.fixture
+def coordinator_folder(tmp_path):
+    folder = tmp_path / "coordinator"
+    assert runner.invoke(server_app, ["init", str(folder)]).exit_code == 0
+    return folder
+
+
+def test_join_checks_dp_ledgers_and_pins_the_coordinator_key(site, tmp_path, coordinator_folder):
     root, _, _ = site
     runner.invoke(node_app, ["keygen", str(tmp_path / "keys")])
-    result = runner.invoke(
-        node_app,
-        ["join", "--server", "127.0.0.1:9", "--ca", str(tmp_path / "keys" / "site_key.pub"),
-         "--key", str(tmp_path / "keys" / "site_key"), "--cohort", str(root / "cohort"),
-         "--policy", "strict"],
-    )  # fmt: skip
-    assert result.exit_code == 2
-    assert "differential privacy" in result.output
+    spec = JoinSpec("127.0.0.1:9", coordinator_folder / "tls" / "ca.pem",
+                    tmp_path / "keys" / "site_key", root / "cohort", "strict", tmp_path / "work",
+                    coordinator_key=coordinator_folder / "signing.pub.pem")  # fmt: skip
+    check_join(spec)  # a DP policy joins; its ledger is read up front
+    pinned = pin_coordinator_key(spec)
+    assert pinned.read_bytes() == (coordinator_folder / "signing.pub.pem").read_bytes()
+
+    other = tmp_path / "other"
+    assert runner.invoke(server_app, ["init", str(other)]).exit_code == 0
+    with pytest.raises(UserError, match="pins another coordinator key"):
+        check_join(replace(spec, coordinator_key=other / "signing.pub.pem"))
+    with pytest.raises(UserError, match="not a PEM public key"):
+        check_join(replace(spec, coordinator_key=coordinator_folder / "tls" / "ca.pem"))
+
+    ledger = root / "cohort" / "privacy-ledger.json"
+    ledger.write_text("{not json")
+    try:
+        with pytest.raises(UserError):
+            check_join(spec)
+    finally:
+        ledger.unlink()
+
+
+def test_site_stores_only_a_bundle_that_verifies(site, coordinator_folder):
+    _, _, node_config = site
+    content = RecordDict(
+        {"bundle": ArrayRecord({"bytes": Array(np.frombuffer(b"not a bundle", dtype=np.uint8))})}
+    )
+    with pytest.raises(Refusal, match="no coordinator key pinned"):
+        receive_bundle(content, node_config)
+    dest = Path(node_config["workdir"]) / "generator.lsdm"
+    pinned = {"coordinator_key": str(coordinator_folder / "signing.pub.pem"), "bundle": str(dest)}
+    with pytest.raises(Refusal, match="generator bundle refused"):
+        receive_bundle(content, node_config | pinned)
+    assert not dest.exists()
 
 
 def test_keygen_never_overwrites(tmp_path):
