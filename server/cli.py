@@ -158,6 +158,10 @@ def _print_event(entry: dict) -> None:
         )
         for site, reason in entry["rejected"].items():
             out.print(f"  {site}: {reason}", markup=False)
+    elif event == "handed_out":
+        out.print(f"generator bundle {entry['bundle']} stored by: {', '.join(entry['stored'])}")
+        for site, reason in entry["refused"].items():
+            out.print(f"  {site}: {reason}", markup=False)
     elif event == "finished":
         out.print(f"finished {entry['rounds']} rounds")
 
