@@ -16,7 +16,7 @@ $(INSTALLED): pyproject.toml
 
 demo: $(INSTALLED)
 	rm -rf $(DEMO_OUT)
-	$(BIN)/lsdm demo --out $(DEMO_OUT)
+	$(BIN)/lsdm-server demo $(DEMO_OUT)
 
 test: lint
 	$(BIN)/pytest

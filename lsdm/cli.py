@@ -224,6 +224,16 @@ def evaluate(
     config: ConfigOption = None,
     steps: Annotated[int, typer.Option(min=1, help="Segmentation training steps.")] = 300,
     seed: Annotated[int, typer.Option(help="Seed of the split and of every training.")] = 0,
+    extractor_weights: Annotated[
+        Path | None,
+        typer.Option(
+            help="3D ResNet weights on disk (MedicalNet resnet_N.pth layout, or safetensors): "
+            "also report the Fréchet distance in its features."
+        ),
+    ] = None,
+    extractor_depth: Annotated[
+        int, typer.Option(help="Depth of the --extractor-weights ResNet (10, 18, 34, 50, ...).")
+    ] = 10,
 ) -> None:
     """Measure synthetic volumes against the real cohort: Dice, Fréchet distance, diversity.
 
@@ -231,16 +241,22 @@ def evaluate(
     """
     from lsdm.data import open_cohort
     from lsdm.evaluate import evaluate as run_evaluation
+    from lsdm.resnet_features import load_resnet_extractor
 
     settings = _load_config(preset, config)
     cohort = open_cohort(real)
+    resnet = None
+    if extractor_weights is not None:
+        resnet = load_resnet_extractor(extractor_weights, extractor_depth)
     with progress_bar() as bar:
 
         def stage(name: str, total: int):
             task = bar.add_task(name, total=total, status="")
             return lambda done: bar.update(task, completed=done)
 
-        metrics = run_evaluation(cohort, synthetic, out, settings, steps, seed, on_stage=stage)
+        metrics = run_evaluation(
+            cohort, synthetic, out, settings, steps, seed, on_stage=stage, resnet=resnet
+        )
     dice = metrics["dice"]
     print(f"Dice (mean over foreground labels, {len(metrics['subjects']['test'])} test subjects):")
     for key in ("real", "synthetic", "train_synthetic_test_real", "real_plus_synthetic"):
@@ -249,6 +265,9 @@ def evaluate(
         f"Fréchet distance: {metrics['frechet_distance']['value']:.4g} "
         f"({metrics['frechet_distance']['extractor']})"
     )
+    if resnet is not None:
+        resnet_fd = metrics["frechet_distance_resnet"]
+        print(f"Fréchet distance: {resnet_fd['value']:.4g} ({resnet_fd['extractor']})")
     print(
         f"MS-SSIM between synthetic volumes: {metrics['ms_ssim_between_synthetic']:.3f} "
         f"(real: {metrics['ms_ssim_between_real']:.3f})"

@@ -49,6 +49,7 @@ from lsdm.metrics import (  # noqa: E402
     ms_ssim,
     paired_psnr_ssim,
 )
+from lsdm.resnet_features import ResNetExtractor
 from lsdm.train_ldm import file_sha256  # noqa: E402
 
 
@@ -204,9 +205,12 @@ def evaluate(
     seed: int = 0,
     test_share: float = 0.34,
     on_stage: Callable[[str, int], Callable | None] | None = None,
+    resnet: ResNetExtractor | None = None,
 ) -> dict:
     """Run the protocol above; writes metrics.json, dice.png, intensities.png and
-    extractor.safetensors into ``out`` (absent or empty) and returns the metrics."""
+    extractor.safetensors into ``out`` (absent or empty) and returns the metrics. With
+    ``resnet`` (user-supplied 3D ResNet weights), a second Fréchet distance in its features is
+    reported as ``frechet_distance_resnet``."""
     progress = on_stage or (lambda name, total: None)
     synthetic = pair_synthetic(real, synthetic_dir)
     out = Path(out)
@@ -279,6 +283,16 @@ def evaluate(
         },
         "intensity_by_label": {real.labels[vocabulary[k]]: v for k, v in intensities.items()},
     }
+    if resnet is not None:
+        metrics["frechet_distance_resnet"] = {
+            "value": frechet_distance(
+                resnet.features(all_real).numpy(), resnet.features(all_synthetic).numpy()
+            ),
+            "volumes": len(all_real),
+            "extractor": resnet.name,
+            "extractor_file": str(resnet.source),
+            "extractor_sha256": resnet.sha256,
+        }
     plot_dice(dice, real.labels, out / "dice.png")
     _plot_intensities(all_real, all_synthetic, all_labels, real.labels, out / "intensities.png")
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))

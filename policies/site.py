@@ -267,9 +267,10 @@ class ReleaseGate(_Strict):
 
     max_epsilon: float | None = Field(10.0, gt=0, description="refuse a release above this ε")
     min_nn_distance_ratio: float = Field(
-        1.0,
+        0.9,
         gt=0,
-        description="median synthetic-to-train nearest-neighbour distance over holdout-to-train",
+        description="median synthetic-to-train nearest-neighbour distance over holdout-to-train "
+        "(a generator as far from the training set as new patients scores 1 up to sampling noise)",
     )
     max_fid: float | None = Field(None, gt=0, description="refuse a release with a worse 3D-FID")
     require_clean_scan: bool = Field(True, description="the PHI scanner must find nothing")

@@ -193,9 +193,9 @@ def demo(
     sites: Annotated[int, typer.Option(min=2, max=8, help="phantom sites")] = 3,
     subjects: Annotated[int, typer.Option(min=1, help="phantom subjects per site")] = 6,
     vqgan_rounds: Annotated[int, typer.Option(min=1, help="rounds of phase 1 (VQ-GAN)")] = 4,
-    diffusion_rounds: Annotated[int, typer.Option(min=1, help="rounds of phase 2")] = 4,
-    vqgan_steps: Annotated[int, typer.Option(min=1, help="local VQ-GAN steps per round")] = 25,
-    diffusion_steps: Annotated[int, typer.Option(min=1, help="local LDM steps per round")] = 50,
+    diffusion_rounds: Annotated[int, typer.Option(min=1, help="rounds of phase 2")] = 5,
+    vqgan_steps: Annotated[int, typer.Option(min=1, help="local VQ-GAN steps per round")] = 50,
+    diffusion_steps: Annotated[int, typer.Option(min=1, help="local LDM steps per round")] = 100,
 ) -> None:
     """A whole federation on this machine: phantom sites with their own cohorts and keys, a
     coordinator on 127.0.0.1 with TLS and site authentication, both phases at the tiny preset,

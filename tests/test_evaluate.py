@@ -9,6 +9,7 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from lsdm.cli import app
@@ -32,7 +33,7 @@ def _as_synthetic(cohort, folder, noise_seed=None):
     return folder
 
 
-def _evaluate(cohort, synthetic, out):
+def _evaluate(cohort, synthetic, out, *extra: str):
     return CliRunner().invoke(
         app,
         [
@@ -47,14 +48,29 @@ def _evaluate(cohort, synthetic, out):
             STEPS,
             "--seed",
             "0",
+            *extra,
         ],
     )
 
 
 @pytest.fixture(scope="module")
-def real_vs_real(small_cohort, tmp_path_factory):
+def resnet_weights(tmp_path_factory):
+    """User-supplied 3D ResNet-10 weights (random here: only the bookkeeping is tested)."""
+    from safetensors.torch import save_file
+
+    from lsdm.resnet_features import build_resnet
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("resnet") / "resnet_10.safetensors"
+    save_file(build_resnet(10).state_dict(), str(path))
+    return ["--extractor-weights", str(path), "--extractor-depth", "10"]
+
+
+@pytest.fixture(scope="module")
+def real_vs_real(small_cohort, tmp_path_factory, resnet_weights):
     root = tmp_path_factory.mktemp("eval")
-    result = _evaluate(small_cohort, _as_synthetic(small_cohort, root / "syn"), root / "out")
+    synthetic = _as_synthetic(small_cohort, root / "syn")
+    result = _evaluate(small_cohort, synthetic, root / "out", *resnet_weights)
     assert result.exit_code == 0, result.output
     return json.loads((root / "out" / "metrics.json").read_text()), root / "out"
 
@@ -68,6 +84,9 @@ def test_real_against_itself_scores_like_real(real_vs_real):
     assert metrics["frechet_distance"]["value"] == pytest.approx(0.0, abs=1e-6)
     assert metrics["frechet_distance"]["volumes"] == 6
     assert len(metrics["frechet_distance"]["extractor_sha256"]) == 64
+    resnet = metrics["frechet_distance_resnet"]
+    assert resnet["value"] == pytest.approx(0.0, abs=1e-6) and resnet["volumes"] == 6
+    assert "ResNet-10" in resnet["extractor"] and len(resnet["extractor_sha256"]) == 64
     assert metrics["paired"]["ssim"] == pytest.approx(1.0, abs=1e-4)
     assert math.isinf(metrics["paired"]["psnr_db"]) or metrics["paired"]["psnr_db"] > 60
     assert metrics["ms_ssim_between_synthetic"] == pytest.approx(metrics["ms_ssim_between_real"])
@@ -75,10 +94,10 @@ def test_real_against_itself_scores_like_real(real_vs_real):
         assert (out / name).is_file()
 
 
-def test_real_against_noise_is_clearly_worse(small_cohort, real_vs_real, tmp_path):
+def test_real_against_noise_is_clearly_worse(small_cohort, real_vs_real, tmp_path, resnet_weights):
     reference, _ = real_vs_real
     synthetic = _as_synthetic(small_cohort, tmp_path / "noise", noise_seed=1)
-    result = _evaluate(small_cohort, synthetic, tmp_path / "out")
+    result = _evaluate(small_cohort, synthetic, tmp_path / "out", *resnet_weights)
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["dice"]["real"] == reference["dice"]["real"]  # seeds fixed: same real side
@@ -86,6 +105,7 @@ def test_real_against_noise_is_clearly_worse(small_cohort, real_vs_real, tmp_pat
         reference["frechet_distance"]["value"], 1e-6
     )
     assert metrics["paired"]["psnr_db"] < 10
+    assert metrics["frechet_distance_resnet"]["value"] > 1e-3
 
 
 def test_mismatched_pairs_are_refused(small_cohort, tmp_path):
