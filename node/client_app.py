@@ -387,13 +387,18 @@ def run_round(content: RecordDict, node_config: dict) -> RecordDict:
     return RecordDict({"arrays": pack(ldm.state_dict()), "metrics": MetricRecord(metrics)})
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
+def answer(msg: Message, context: Context, work) -> Message:
+    """The reply to ``msg``: what ``work(content, node_config)`` returns, or its refusal reason."""
     try:
-        content = run_round(msg.content, dict(context.node_config))
+        content = work(msg.content, dict(context.node_config))
     except Refusal as refusal:
         content = RecordDict({"refusal": ConfigRecord({"reason": str(refusal)})})
     return Message(content=content, reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    return answer(msg, context, run_round)
 
 
 def receive_bundle(content: RecordDict, node_config: dict) -> RecordDict:
@@ -426,8 +431,4 @@ def receive_bundle(content: RecordDict, node_config: dict) -> RecordDict:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    try:
-        content = receive_bundle(msg.content, dict(context.node_config))
-    except Refusal as refusal:
-        content = RecordDict({"refusal": ConfigRecord({"reason": str(refusal)})})
-    return Message(content=content, reply_to=msg)
+    return answer(msg, context, receive_bundle)

@@ -53,3 +53,14 @@ def trained_models(tmp_path_factory) -> TrainedModels:
         ldm=root / "ldm" / "checkpoint.safetensors",
         ldm_run=root / "ldm",
     )
+
+
+@pytest.fixture
+def processes():
+    """Child processes of one test (Flower coordinators and sites), all killed at its end.
+    Modules that share one federation across tests override it with a module-scoped one."""
+    from tests.test_federation import Processes
+
+    procs = Processes()
+    yield procs
+    procs.kill_all()

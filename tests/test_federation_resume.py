@@ -4,11 +4,8 @@ or repeated; the sites reconnect by themselves."""
 
 from __future__ import annotations
 
-import pytest
-
 from lsdm.checkpoint import read_metadata
 from tests.test_federation import (
-    Processes,
     free_port,
     join,
     make_coordinator,
@@ -18,13 +15,6 @@ from tests.test_federation import (
     wait_for_port,
     wait_until,
 )
-
-
-@pytest.fixture
-def processes():
-    procs = Processes()
-    yield procs
-    procs.kill_all()
 
 
 def test_coordinator_killed_after_a_round_resumes_at_the_next(tmp_path, processes):

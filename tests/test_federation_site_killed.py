@@ -7,11 +7,8 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-import pytest
-
 from server.serve import descendants
 from tests.test_federation import (
-    Processes,
     free_port,
     join,
     make_coordinator,
@@ -21,13 +18,6 @@ from tests.test_federation import (
     wait_for_port,
     wait_until,
 )
-
-
-@pytest.fixture
-def processes():
-    procs = Processes()
-    yield procs
-    procs.kill_all()
 
 
 def training(join_process) -> bool:
