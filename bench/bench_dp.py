@@ -23,6 +23,8 @@ images give the ceiling, chance is 1/labels present).
     .venv/bin/python bench/bench_dp.py --utility --out bench/results/dp_utility_tiny_cpu.md
     .venv/bin/python bench/bench_dp.py --preset reference --device cuda \\
         --out bench/results/dp_reference_gpu.md
+    .venv/bin/python bench/bench_dp.py --preset reference --device cpu --steps ldm_step \\
+        --variants "DP default" --shape 32 128 128 --ldm-batch 2 --repeats 3 --warmup 1
 """
 
 from __future__ import annotations
@@ -118,16 +120,18 @@ def build(name: str, variant: str, config: LSDMConfig, device: torch.device):
     return fn, batch
 
 
-def time_all(name: str, config: LSDMConfig, device_name: str, repeats: int, warmup: int) -> dict:
-    """Median seconds per call of every variant, timed one call at a time in turn; on a GPU
+def time_all(
+    name: str, config: LSDMConfig, device_name: str, repeats: int, warmup: int, variants
+) -> dict:
+    """Median seconds per call of each variant, timed one call at a time in turn; on a GPU
     also each variant's peak memory."""
     device = torch.device(device_name)
-    built = {v: build(name, v, config, device) for v in VARIANTS}
+    built = {v: build(name, v, config, device) for v in variants}
     for fn, _ in built.values():
         for _ in range(warmup):
             fn()
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    peak = dict.fromkeys(VARIANTS, 0.0)
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    peak = dict.fromkeys(variants, 0.0)
     for _ in range(repeats):
         for variant, (fn, _) in built.items():
             if device.type == "cuda":
@@ -143,7 +147,7 @@ def time_all(name: str, config: LSDMConfig, device_name: str, repeats: int, warm
                 peak[variant] = max(peak[variant], rise)
     return {
         v: {"seconds": statistics.median(times[v]), "volumes": built[v][1], "peak_gib": peak[v]}
-        for v in VARIANTS
+        for v in variants
     }
 
 
@@ -192,13 +196,16 @@ def speed(args) -> str:
         torch.cuda.get_device_name() if on_gpu else (platform.processor() or platform.machine())
     )
     rows = []
-    for name in NETWORKS:
-        results = in_fresh_process(time_all, name, config, args.device, args.repeats, args.warmup)
+    variants = ["no DP", *(v for v in VARIANTS if v in args.variants and v != "no DP")]
+    for name in args.steps:
+        results = in_fresh_process(
+            time_all, name, config, args.device, args.repeats, args.warmup, variants
+        )
         if not on_gpu:
-            for v in VARIANTS:
+            for v in variants:
                 results[v]["peak_gib"] = in_fresh_process(cpu_step_memory, name, v, config)
         base = results["no DP"]
-        for v in VARIANTS:
+        for v in variants:
             r = results[v]
             rows.append(
                 f"| {name} | {v} | {r['seconds'] * 1e3:.1f} | {r['volumes'] / r['seconds']:.3g} "
@@ -373,6 +380,16 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=10, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(
+        "--steps", nargs="+", choices=list(NETWORKS), default=list(NETWORKS), help="steps to time"
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=VARIANTS,
+        default=list(VARIANTS),
+        help="DP variants to time (the step without DP always is)",
+    )
     parser.add_argument("--utility", action="store_true", help="train at several ε instead")
     parser.add_argument(
         "--epsilons", type=float, nargs="+", default=[1.0, 8.0, math.inf], help="for --utility"

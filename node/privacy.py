@@ -18,10 +18,13 @@ any size, empty ones included: an empty batch still takes a step of pure noise),
 the accountant assumes. Noise and sampling draw from a generator seeded from the OS's entropy,
 never from the coordinator's round seed (the coordinator could otherwise subtract the noise).
 
-Per-sample gradients: Opacus hooks where it has them (Conv3d, Linear, GroupNorm, InstanceNorm),
-functorch where it has none (ConvTranspose3d); ``GRAD_SAMPLE_MODES`` picks, per network, the mode
-that measured fastest (bench/bench_dp.py). Networks are checked with ``ModuleValidator`` and
-refused if invalid; nothing is fixed silently.
+Per-sample gradients: per-layer hooks (Opacus's for Linear and the norms; this module's for
+Conv3d and ConvTranspose3d, one grouped weight-gradient convolution each), or functorch;
+``GRAD_SAMPLE_MODES`` picks, per network, the mode that measured fastest (bench/bench_dp.py).
+The summed weight gradients that autograd computes alongside are never used under DP-SGD (the
+optimiser sums the clipped per-sample ones), so convolutions skip them
+(:class:`_InputGradientOnlyConv`). Networks are checked with ``ModuleValidator`` and refused if
+invalid; nothing is fixed silently.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from opacus import GradSampleModule
 from opacus.grad_sample import register_grad_sampler
 from opacus.optimizers import DPOptimizer
@@ -116,6 +120,76 @@ def conv_transpose3d_grad_sample(layer: nn.ConvTranspose3d, activations, backpro
     return grads
 
 
+class _InputGradientOnlyConv(torch.autograd.Function):
+    """A Conv3d or ConvTranspose3d whose backward pass computes the gradient of its input only.
+    Under DP-SGD the summed weight gradient autograd would also compute is never used (the
+    optimiser sums the clipped per-sample gradients instead), and on 3D volumes it is about half
+    the cost of a convolution's backward pass."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, layer, output_padding):
+        ctx.save_for_backward(x, weight)
+        ctx.layer, ctx.output_padding = layer, output_padding
+        if isinstance(layer, nn.ConvTranspose3d):
+            return F.conv_transpose3d(
+                x, weight, bias, layer.stride, layer.padding, output_padding, layer.groups,
+                layer.dilation,
+            )  # fmt: skip
+        return F.conv3d(x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if not ctx.needs_input_grad[0]:  # the network's first layer: its input is the data
+            return None, None, None, None, None
+        x, weight = ctx.saved_tensors
+        layer = ctx.layer
+        grad_input = torch.ops.aten.convolution_backward(
+            grad,
+            x.to(grad.dtype),
+            weight.to(grad.dtype),
+            None,
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+            isinstance(layer, nn.ConvTranspose3d),
+            ctx.output_padding,
+            layer.groups,
+            [True, False, False],  # input, weight, bias: the input's only
+        )[0]
+        return grad_input.to(x.dtype), None, None, None, None
+
+
+def _skip_summed_conv_gradients(module: nn.Module) -> list[nn.Module]:
+    """Give every zero-padded Conv3d and ConvTranspose3d of ``module`` an input-gradient-only
+    forward (undone by :func:`_restore_conv_gradients`); returns the layers changed."""
+    changed = []
+    for layer in module.modules():
+        if not isinstance(layer, nn.Conv3d | nn.ConvTranspose3d):
+            continue
+        if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
+            continue
+
+        def forward(x, output_size=None, layer=layer):
+            output_padding = (0, 0, 0)
+            if isinstance(layer, nn.ConvTranspose3d):
+                output_padding = layer._output_padding(
+                    x, output_size, layer.stride, layer.padding, layer.kernel_size, 3,
+                    layer.dilation,
+                )  # fmt: skip
+            return _InputGradientOnlyConv.apply(
+                x, layer.weight, layer.bias, layer, tuple(output_padding)
+            )
+
+        layer.forward = forward  # an instance attribute: the class's forward is untouched
+        changed.append(layer)
+    return changed
+
+
+def _restore_conv_gradients(layers: list[nn.Module]) -> None:
+    for layer in layers:
+        del layer.forward
+
+
 class NotPrivatisable(Exception):
     """The network has a layer DP-SGD cannot train (e.g. BatchNorm)."""
 
@@ -156,6 +230,7 @@ class PrivateNet:
 
     module: GradSampleModule
     optimiser: DPOptimizer
+    input_gradient_only: list[nn.Module]
 
     def noise_step(self) -> None:
         """The step of an empty batch: no gradient, only noise (the accountant counts it)."""
@@ -167,6 +242,7 @@ class PrivateNet:
     def close(self) -> None:
         self.optimiser.zero_grad(set_to_none=True)
         self.module._close()
+        _restore_conv_gradients(self.input_gradient_only)
 
 
 def make_private(
@@ -195,7 +271,9 @@ def make_private(
         loss_reduction="mean",
         generator=generator,
     )
-    return PrivateNet(wrapped, dp_optimiser)
+    # functorch differentiates the layers' forward itself: it needs their weight gradients
+    skipping = _skip_summed_conv_gradients(module) if mode == "hooks" else []
+    return PrivateNet(wrapped, dp_optimiser, skipping)
 
 
 def freeze_codebook(model: vq.VQGAN) -> None:

@@ -168,6 +168,39 @@ def test_grouped_per_sample_conv_gradients_equal_one_sample_at_a_time(layer):
             assert torch.allclose(got[layer.bias][i], layer.bias.grad, atol=1e-4)
 
 
+def test_private_convolutions_skip_the_summed_weight_gradient_until_closed():
+    """Under DP the convolutions' backward computes input gradients only; the per-sample
+    gradients and the gradient reaching the layers below are those of the plain network, and
+    closing gives the network its ordinary backward pass back."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv3d(2, 4, 3, padding=1),
+        torch.nn.SiLU(),
+        torch.nn.Conv3d(4, 4, 4, stride=2, padding=1),
+        torch.nn.SiLU(),
+        torch.nn.ConvTranspose3d(4, 3, 4, stride=2, padding=1),
+    )
+    reference = copy.deepcopy(net)
+    x = torch.randn(3, 2, 4, 8, 8)
+    grad_out = torch.randn(3, 3, 4, 8, 8)
+    want = [torch.autograd.grad((reference(x[i : i + 1]) * grad_out[i]).sum(),
+                                list(reference.parameters())) for i in range(3)]  # fmt: skip
+
+    private = privacy.make_private(
+        net, torch.optim.SGD(net.parameters(), lr=0.1), "unet", 1.0, 1.0, 3, _seeded()
+    )
+    ((net(x) * grad_out).sum() / 3).backward()  # the mean of the subjects' losses
+    for p, *per_sample in zip(net.parameters(), *want, strict=True):
+        assert p.grad is None  # the summed gradient was never computed
+        assert torch.allclose(p.grad_sample, torch.stack(per_sample), atol=1e-4)
+    private.close()
+
+    (net(x) * grad_out).sum().backward()
+    summed = [sum(g) for g in zip(*want, strict=True)]
+    for p, g in zip(net.parameters(), summed, strict=True):
+        assert torch.allclose(p.grad, g, atol=1e-4)
+
+
 def test_a_network_with_batchnorm_is_refused_not_fixed():
     net = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3), torch.nn.BatchNorm3d(2))
     with pytest.raises(privacy.NotPrivatisable, match="BatchNorm"):
