@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from flwr.app import ConfigRecord, RecordDict
-from opacus.accountants import RDPAccountant
+from opacus.accountants import PRVAccountant, RDPAccountant
 
 from lsdm import vqgan as vq
 from lsdm.config import preset
@@ -262,6 +262,22 @@ def test_epsilon_grows_as_the_accountant_says_and_persists(tmp_path):
     assert spent == pytest.approx(epsilons[-1], rel=1e-3)
     assert left == pytest.approx(50 - epsilons[-1], rel=1e-3)
     assert Ledger.of_cohort(tmp_path).history == ledger.history
+
+
+def test_the_prv_accountant_reads_the_same_ledger_and_plans_within_the_budget(tmp_path):
+    ledger = Ledger.of_cohort(tmp_path)
+    accountant = PRVAccountant()
+    for sigma, steps in ((1.1, 300), (0.9, 100)):
+        ledger.record([(sigma, 0.05, steps)], {"phase": "ldm", "round": 1})
+        for _ in range(steps):
+            accountant.step(noise_multiplier=sigma, sample_rate=0.05)
+    prv = Ledger.of_cohort(tmp_path).epsilon(1e-5, "prv")
+    assert prv == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-6)
+    assert prv < ledger.epsilon(1e-5, "rdp")  # the tighter accountant of the two
+    plan = [Segment(0.05, 200, 1)]
+    sigma = plan_noise(ledger.history, plan, 8.0, 1e-5, "prv", 10.0)
+    spent = epsilon_of(ledger.history + [s.at(sigma) for s in plan], 1e-5, "prv")
+    assert 0.97 * 8.0 < spent <= 8.0
 
 
 def test_noise_is_planned_to_spend_the_budget_over_the_whole_plan():
