@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import multiprocessing
 import platform
 import resource
 import statistics
@@ -44,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from fresh_process import in_fresh_process
 
 from lsdm import diffusion
 from lsdm import vqgan as vq
@@ -159,26 +159,6 @@ def cpu_step_memory(name: str, variant: str, config: LSDMConfig) -> float:
     fn()
     fn()
     return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2**20  # KiB
-
-
-def _child(queue, function, *arguments) -> None:
-    queue.put(function(*arguments))
-
-
-def in_fresh_process(function, *arguments):
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=_child, args=(queue, function, *arguments))
-    process.start()
-    while True:
-        try:
-            result = queue.get(timeout=5)
-            break
-        except Exception:  # queue.Empty: still working, unless it died
-            if not process.is_alive():
-                raise RuntimeError(f"{function.__name__} failed in its process") from None
-    process.join()
-    return result
 
 
 def speed(args) -> str:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import multiprocessing
 import platform
 import resource
 import sys
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from fresh_process import in_fresh_process
 from monai.losses import PatchAdversarialLoss
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -243,20 +243,6 @@ def cpu_peak_memory(name: str, variant: str, config: LSDMConfig, args) -> float:
     fn, _ = build(name, variant, config, args, torch.device("cpu"))
     fn()
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def _child(queue, function, *arguments) -> None:
-    queue.put(function(*arguments))
-
-
-def in_fresh_process(function, *arguments):
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=_child, args=(queue, function, *arguments))
-    process.start()
-    result = queue.get()
-    process.join()
-    return result
 
 
 def main() -> None:

@@ -118,28 +118,31 @@ def software_version() -> str:
 
 
 # -- keys ------------------------------------------------------------------------------------------
-def load_private_key(path: Path) -> ed25519.Ed25519PrivateKey:
+def _load_ed25519_key(path: Path, private: bool, what: str):
+    kind = "private" if private else "public"
     try:
-        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+        data = Path(path).read_bytes()
+        key = (
+            serialization.load_pem_private_key(data, password=None)
+            if private
+            else serialization.load_pem_public_key(data)
+        )
     except OSError as err:
-        raise InputError(f"cannot read the signing key {path}: {err.strerror}") from None
+        raise InputError(f"cannot read {what} {path}: {err.strerror}") from None
     except (ValueError, TypeError):
-        raise InputError(f"not a PEM private key: {path}") from None
-    if not isinstance(key, ed25519.Ed25519PrivateKey):
-        raise InputError(f"the signing key must be an Ed25519 key: {path}")
+        raise InputError(f"not a PEM {kind} key: {path}") from None
+    wanted = ed25519.Ed25519PrivateKey if private else ed25519.Ed25519PublicKey
+    if not isinstance(key, wanted):
+        raise InputError(f"{what} must be an Ed25519 {kind} key: {path}")
     return key
+
+
+def load_private_key(path: Path) -> ed25519.Ed25519PrivateKey:
+    return _load_ed25519_key(path, True, "the signing key")
 
 
 def load_public_key(path: Path) -> ed25519.Ed25519PublicKey:
-    try:
-        key = serialization.load_pem_public_key(Path(path).read_bytes())
-    except OSError as err:
-        raise InputError(f"cannot read the coordinator key {path}: {err.strerror}") from None
-    except (ValueError, TypeError):
-        raise InputError(f"not a PEM public key: {path}") from None
-    if not isinstance(key, ed25519.Ed25519PublicKey):
-        raise InputError(f"the coordinator key must be an Ed25519 public key: {path}")
-    return key
+    return _load_ed25519_key(path, False, "the coordinator key")
 
 
 def key_fingerprint(key: ed25519.Ed25519PublicKey | ed25519.Ed25519PrivateKey) -> str:

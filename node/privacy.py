@@ -67,23 +67,17 @@ def _grouped(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(1, -1, *t.shape[2:])
 
 
-@register_grad_sampler(nn.Conv3d)
-def conv3d_grad_sample(layer: nn.Conv3d, activations, backprops) -> dict:
-    """Per-sample weight gradients of a Conv3d as ONE grouped weight-gradient convolution (one
-    group per sample), instead of Opacus's unfold (im2col), which materialises k^3 copies of the
-    input and is several times slower on 3D volumes."""
-    x = activations[0].to(backprops.dtype)
-    n = x.shape[0]
+def _per_sample_conv_gradients(layer, inputs, output_grads, backprops) -> dict:
+    """Per-sample weight gradients of a convolution: the weight gradient of ONE grouped
+    convolution (one group of channels per sample) with input ``inputs`` and output gradient
+    ``output_grads``; the bias's from the layer's ``backprops``."""
+    n = inputs.shape[0]
     if n == 0:
         return _empty_grads(layer)
-    if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
-        from opacus.grad_sample.conv import compute_conv_grad_sample
-
-        return compute_conv_grad_sample(layer, activations, backprops)
     weight = torch.nn.grad.conv3d_weight(
-        _grouped(x),
-        (n * layer.out_channels, layer.in_channels // layer.groups, *layer.kernel_size),
-        _grouped(backprops),
+        _grouped(inputs),
+        (n * layer.weight.shape[0], *layer.weight.shape[1:]),
+        _grouped(output_grads),
         stride=layer.stride,
         padding=layer.padding,
         dilation=layer.dilation,
@@ -93,6 +87,19 @@ def conv3d_grad_sample(layer: nn.Conv3d, activations, backprops) -> dict:
     if layer.bias is not None and layer.bias.requires_grad:
         grads[layer.bias] = backprops.sum(dim=(2, 3, 4))
     return grads
+
+
+@register_grad_sampler(nn.Conv3d)
+def conv3d_grad_sample(layer: nn.Conv3d, activations, backprops) -> dict:
+    """Per-sample weight gradients of a Conv3d as one grouped weight-gradient convolution,
+    instead of Opacus's unfold (im2col), which materialises k^3 copies of the input and is
+    several times slower on 3D volumes."""
+    if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
+        from opacus.grad_sample.conv import compute_conv_grad_sample
+
+        return compute_conv_grad_sample(layer, activations, backprops)
+    x = activations[0].to(backprops.dtype)
+    return _per_sample_conv_gradients(layer, x, backprops, backprops)
 
 
 @register_grad_sampler(nn.ConvTranspose3d)
@@ -100,24 +107,9 @@ def conv_transpose3d_grad_sample(layer: nn.ConvTranspose3d, activations, backpro
     """Per-sample weight gradients of a ConvTranspose3d (Opacus has no hook for it). The layer
     is the adjoint of a convolution with the same weight, so its weight gradient is that
     convolution's weight gradient with the output gradient as input and the layer's input as
-    output gradient; one group per sample, as for Conv3d."""
+    output gradient."""
     x = activations[0].to(backprops.dtype)
-    n = x.shape[0]
-    if n == 0:
-        return _empty_grads(layer)
-    weight = torch.nn.grad.conv3d_weight(
-        _grouped(backprops),
-        (n * layer.in_channels, layer.out_channels // layer.groups, *layer.kernel_size),
-        _grouped(x),
-        stride=layer.stride,
-        padding=layer.padding,
-        dilation=layer.dilation,
-        groups=n * layer.groups,
-    )
-    grads = {layer.weight: weight.view(n, *layer.weight.shape)}
-    if layer.bias is not None and layer.bias.requires_grad:
-        grads[layer.bias] = backprops.sum(dim=(2, 3, 4))
-    return grads
+    return _per_sample_conv_gradients(layer, backprops, x, backprops)
 
 
 class _InputGradientOnlyConv(torch.autograd.Function):
