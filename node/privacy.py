@@ -179,7 +179,7 @@ def _skip_summed_conv_gradients(module: nn.Module) -> list[nn.Module]:
 
 def _restore_conv_gradients(layers: list[nn.Module]) -> None:
     for layer in layers:
-        del layer.forward
+        layer.__dict__.pop("forward", None)  # the class's forward again (closing twice is fine)
 
 
 class NotPrivatisable(Exception):
