@@ -305,7 +305,9 @@ def demo(
     print(
         "map agreement (balanced accuracy of a real-intensity voxel classifier): "
         f"real {summary.map_agreement_real:.2f}, synthetic {summary.map_agreement_synthetic:.2f}, "
-        f"synthetic vs another subject's map {summary.map_agreement_swapped:.2f}"
+        f"synthetic vs another subject's map {summary.map_agreement_swapped:.2f} (real "
+        f"{summary.map_agreement_real_swapped:.2f}), synthetic vs its map mirrored "
+        f"{summary.map_agreement_mirrored:.2f}"
     )
 
 

@@ -39,6 +39,8 @@ class MapAgreement:
     map_agreement_real: float  # NearestClassMean balanced accuracy of real held-out images
     map_agreement_synthetic: float  # ... of synthetic volumes, against the maps they came from
     map_agreement_swapped: float  # ... of synthetic volumes, against another subject's map
+    map_agreement_real_swapped: float  # ... of real held-out images, against another's map
+    map_agreement_mirrored: float  # ... of synthetic volumes, against their map mirrored
 
 
 @dataclass
@@ -50,8 +52,10 @@ def map_agreement(
     training: list[Cohort], heldout: Cohort, synthetic: Path, config: LSDMConfig, sheet: Path
 ) -> MapAgreement:
     """Does each synthetic volume follow its map? Each is scored by a classifier of the real
-    training images' label intensities, against its own map and against the next subject's;
-    real held-out images give the ceiling. Writes the comparison sheet (map, real, synthetic)."""
+    training images' label intensities, against its own map, against the next subject's (the
+    same anatomy with other details: real images lose much of their score there) and against
+    its own map mirrored front to back (the body where the breasts were); real held-out images
+    give the ceiling. Writes the comparison sheet (map, real, synthetic)."""
     images, maps = [], []
     for cohort in training:
         real = make_dataset(cohort, config.data)
@@ -59,7 +63,7 @@ def map_agreement(
         maps += [real[i]["map"].argmax(0).numpy() for i in range(len(real))]
     checker = NearestClassMean().fit(images, maps)
     held = make_dataset(heldout, config.data)
-    rows, own, swapped, real_scores = [], [], [], []
+    rows, own, swapped, mirrored, real_scores, real_swapped = [], [], [], [], [], []
     for i, sid in enumerate(heldout.ids):
         label_map = held[i]["map"].argmax(0).numpy()
         other_map = held[(i + 1) % len(held)]["map"].argmax(0).numpy()
@@ -67,13 +71,17 @@ def map_agreement(
         generated = np.asarray(nib.load(synthetic / IMAGES_DIR / f"{sid}{NIFTI_SUFFIX}").dataobj)
         own.append(checker.balanced_accuracy(generated, label_map))
         swapped.append(checker.balanced_accuracy(generated, other_map))
+        mirrored.append(checker.balanced_accuracy(generated, np.flip(label_map, 1).copy()))
         real_scores.append(checker.balanced_accuracy(image, label_map))
+        real_swapped.append(checker.balanced_accuracy(image, other_map))
         rows.append((sid, [("map", label_map), ("real", image), ("synthetic", generated)]))
     save_sheet(rows, sheet, label_columns=["map"])
     return MapAgreement(
         map_agreement_real=float(np.mean(real_scores)),
         map_agreement_synthetic=float(np.mean(own)),
         map_agreement_swapped=float(np.mean(swapped)),
+        map_agreement_real_swapped=float(np.mean(real_swapped)),
+        map_agreement_mirrored=float(np.mean(mirrored)),
     )
 
 
