@@ -113,8 +113,9 @@ def main() -> None:
     )
     generator.generate_folder(generator.check_folder(heldout), central / "synthetic")
     agreement = map_agreement(
-        [cohort], open_cohort(heldout), central / "synthetic", config, central / "comparison.png"
-    )
+        [cohort], open_cohort(heldout), central / "synthetic", generator.vqgan, config,
+        central / "comparison.png",
+    )  # fmt: skip
     rows = {"centralised": {"folder": central, "agreement": asdict(agreement),
                             "train_minutes": (time.monotonic() - tick) / 60, "epsilon": {}},
             **rows}  # fmt: skip
@@ -153,7 +154,7 @@ def report(rows: dict, args, seconds: float) -> str:
             f"| {m['ms_ssim_between_synthetic']:.3f} ({m['ms_ssim_between_real']:.3f}) "
             f"| {m['paired']['psnr_db']:.1f} "
             f"| {a['map_agreement_synthetic']:.2f} ({a['map_agreement_real']:.2f}, "
-            f"{a['map_agreement_swapped']:.2f}) | {eps} | {row['train_minutes']:.1f} |"
+            f"{a['map_agreement_synthetic_swapped']:.2f}) | {eps} | {row['train_minutes']:.1f} |"
         )
     first = next(iter(rows.values()))["metrics"]
     extractor = first["frechet_distance"]["extractor"]

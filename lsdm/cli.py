@@ -302,13 +302,7 @@ def demo(
     print(f"diffusion model:   {out / 'ldm'}")
     print(f"synthetic volumes: {out / 'synthetic'} (from the maps in {out / 'heldout'})")
     print(f"comparison sheet:  {out / 'comparison.png'}")
-    print(
-        "map agreement (balanced accuracy of a real-intensity voxel classifier): "
-        f"real {summary.map_agreement_real:.2f}, synthetic {summary.map_agreement_synthetic:.2f}, "
-        f"synthetic vs another subject's map {summary.map_agreement_swapped:.2f} (real "
-        f"{summary.map_agreement_real_swapped:.2f}), synthetic vs its map mirrored "
-        f"{summary.map_agreement_mirrored:.2f}"
-    )
+    print(summary.describe())
 
 
 if __name__ == "__main__":

@@ -211,13 +211,7 @@ def demo(
         on_event=_print_event,
     )
     out.print(f"comparison sheet: {out_dir / 'comparison.png'}")
-    out.print(
-        "map agreement (balanced accuracy of a label-intensity classifier, chance 0.2): real "
-        f"{agreement.map_agreement_real:.2f}, synthetic {agreement.map_agreement_synthetic:.2f}, "
-        f"synthetic vs another subject's map {agreement.map_agreement_swapped:.2f} (real "
-        f"{agreement.map_agreement_real_swapped:.2f}), synthetic vs its map mirrored "
-        f"{agreement.map_agreement_mirrored:.2f}"
-    )
+    out.print(agreement.describe())
 
 
 @app.command()

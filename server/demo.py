@@ -58,6 +58,7 @@ def run_federated_demo(
     from typer.testing import CliRunner
 
     from lsdm.bundle import load_generator, load_public_key
+    from lsdm.train_vqgan import load_vqgan
     from node.cli import app as node_app
     from server.cli import app as server_app
 
@@ -161,12 +162,14 @@ def run_federated_demo(
     bundle = out / "sites" / names[0] / "work" / "generator.lsdm"
     generator = load_generator(bundle, load_public_key(coordinator / "signing.pub.pem"))
     generator.generate_folder(generator.check_folder(out / "heldout"), out / "synthetic")
+    vqgan, _ = load_vqgan(coordinator / "state" / "vqgan.safetensors")  # the bundle has no encoder
     agreement = map_agreement(
         [open_cohort(out / "sites" / name / "cohort") for name in names],
         open_cohort(out / "heldout"),
         out / "synthetic",
+        vqgan,
         generator.config,
-        sheet=out / "comparison.png",
+        out / "comparison.png",
     )
     atomic_write_text(out / "summary.json", json.dumps(asdict(agreement), indent=2))
     return agreement
