@@ -5,14 +5,15 @@
 #
 # The GPU machine has PyTorch with CUDA but none of monai, nibabel, pydantic or opacus and no
 # network: their wheels travel in .whl/ (see /work/.library/device/README.md), installed here
-# into /tmp/site. On a CPU, for a dry run: PRESET=tiny DEVICE=cpu bash bench/gpu_figures.sh
+# into /tmp/site. On a CPU, for a dry run:
+# PY=.venv/bin/python PRESET=tiny DEVICE=cpu bash bench/gpu_figures.sh
 set -uo pipefail
 PRESET=${PRESET:-reference}
 DEVICE=${DEVICE:-cuda}
 OUT=${OUT:-bench/results}
 PY=${PY:-python3}
 export PYTHONUNBUFFERED=1
-if [ -d .whl ]; then
+if [ -d .whl ] && [ "$DEVICE" = cuda ]; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site:$PWD
@@ -25,6 +26,12 @@ fi
 $PY -c "import torch, monai, opacus; print('torch', torch.__version__, 'monai', monai.__version__, 'opacus', opacus.__version__)"
 
 # Each log keeps what its benchmark printed, even if the time limit stops it early.
+# DP_ONLY=1 runs only the DP-SGD figures, with the DP variant sites use (the shortest GPU run).
+if [ "${DP_ONLY:-0}" = 1 ]; then
+    timeout ${T_DP:-200} $PY bench/bench_dp.py --preset "$PRESET" --device "$DEVICE" \
+        --variants "DP default" --repeats 5 --out "$OUT/dp_${PRESET}_${DEVICE}.md" 2>&1 | tee "$OUT/dp.log"
+    exit 0
+fi
 timeout ${T_MODEL:-200} $PY bench/bench_model.py --preset "$PRESET" --repeats 10 --warmup 3 \
     --out "$OUT/model_${PRESET}_${DEVICE}_fp32.md" 2>&1 | tee "$OUT/model_fp32.log"
 timeout ${T_MODEL_BF16:-150} $PY bench/bench_model.py --preset "$PRESET" --repeats 10 --warmup 3 \
