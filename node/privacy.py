@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import types
 import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -151,6 +152,15 @@ class _InputGradientOnlyConv(torch.autograd.Function):
         return grad_input.to(x.dtype), None, None, None, None
 
 
+def _input_gradient_only_forward(layer, x, output_size=None):
+    output_padding = (0, 0, 0)
+    if isinstance(layer, nn.ConvTranspose3d):
+        output_padding = layer._output_padding(
+            x, output_size, layer.stride, layer.padding, layer.kernel_size, 3, layer.dilation
+        )
+    return _InputGradientOnlyConv.apply(x, layer.weight, layer.bias, layer, tuple(output_padding))
+
+
 def _skip_summed_conv_gradients(module: nn.Module) -> list[nn.Module]:
     """Give every zero-padded Conv3d and ConvTranspose3d of ``module`` an input-gradient-only
     forward (undone by :func:`_restore_conv_gradients`); returns the layers changed."""
@@ -160,19 +170,9 @@ def _skip_summed_conv_gradients(module: nn.Module) -> list[nn.Module]:
             continue
         if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
             continue
-
-        def forward(x, output_size=None, layer=layer):
-            output_padding = (0, 0, 0)
-            if isinstance(layer, nn.ConvTranspose3d):
-                output_padding = layer._output_padding(
-                    x, output_size, layer.stride, layer.padding, layer.kernel_size, 3,
-                    layer.dilation,
-                )  # fmt: skip
-            return _InputGradientOnlyConv.apply(
-                x, layer.weight, layer.bias, layer, tuple(output_padding)
-            )
-
-        layer.forward = forward  # an instance attribute: the class's forward is untouched
+        # an instance attribute (the class's forward is untouched); a bound method, so that a
+        # deep copy of the layer is bound to the copy
+        layer.forward = types.MethodType(_input_gradient_only_forward, layer)
         changed.append(layer)
     return changed
 
