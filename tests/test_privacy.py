@@ -201,6 +201,44 @@ def test_private_convolutions_skip_the_summed_weight_gradient_until_closed():
         assert torch.allclose(p.grad, g, atol=1e-4)
 
 
+def test_per_sample_gradients_of_a_unet_with_attention_equal_one_subject_at_a_time():
+    """The diffusion UNet with an attention level (as the reference preset has): every
+    parameter's per-sample gradient, through SPADE, attention, GroupNorm, Linear and Conv3d
+    layers, equals that subject's own gradient."""
+    torch.manual_seed(0)
+    config = preset("tiny").with_overrides(
+        data={"shape": (16, 32, 32)}, diffusion={"attention_levels": (False, True)}
+    )
+    unet = build_ldm(config, 5).unet
+    assert any(".attn." in name for name, _ in unet.named_parameters())
+    with torch.no_grad():  # the UNet starts with zeroed output layers: nothing upstream would
+        for p in unet.parameters():  # get a gradient, and the comparison would be of zeros
+            p.normal_(0.0, 0.1)
+    reference = copy.deepcopy(unet)
+    noisy = torch.randn(3, 4, 4, 8, 8)
+    timesteps = torch.tensor([10, 500, 900])
+    maps = F.one_hot(torch.randint(0, 5, (3, 16, 32, 32)), 5).permute(0, 4, 1, 2, 3).float()
+    params = list(reference.parameters())
+    want = [
+        torch.autograd.grad(
+            reference(noisy[i : i + 1], timesteps[i : i + 1], seg=maps[i : i + 1]).square().sum(),
+            params,
+        )
+        for i in range(3)
+    ]
+    private = privacy.make_private(
+        unet, torch.optim.SGD(unet.parameters(), lr=0.1), "unet", 1.0, 1.0, 3, _seeded()
+    )
+    (unet(noisy, timesteps, seg=maps).square().sum() / 3).backward()
+    expected = [torch.stack(per_sample) for per_sample in zip(*want, strict=True)]
+    scales = torch.tensor([float(e.abs().max()) for e in expected])
+    # (some biases have a zero gradient up to rounding: a key bias under softmax, say)
+    assert (scales > 1e-6 * scales.max()).float().mean() > 0.8
+    for p, e, scale in zip(unet.parameters(), expected, scales, strict=True):
+        assert float((p.grad_sample - e).abs().max()) < 1e-4 * scale + 1e-7 * scales.max()
+    private.close()
+
+
 def test_a_network_with_batchnorm_is_refused_not_fixed():
     net = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3), torch.nn.BatchNorm3d(2))
     with pytest.raises(privacy.NotPrivatisable, match="BatchNorm"):
