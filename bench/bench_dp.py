@@ -48,9 +48,9 @@ from fresh_process import in_fresh_process
 from lsdm import diffusion
 from lsdm import vqgan as vq
 from lsdm.config import LSDMConfig, preset
+from lsdm.phantom import PHANTOM_LABELS
 from node import privacy
 
-LABELS = {0: "background", 1: "fat", 2: "fibroglandular", 3: "vessel", 4: "lesion"}
 VARIANTS = ("no DP", "DP default", "DP hooks", "DP functorch")
 NETWORKS = {"vqgan_step": ("autoencoder", "discriminator"), "ldm_step": ("unet",)}
 
@@ -101,10 +101,12 @@ def build(name: str, variant: str, config: LSDMConfig, device: torch.device):
         return fn, batch
     batch = config.diffusion.batch_size
     latent_shape = (config.vqgan.embedding_dim, *(n // 4 for n in shape))
-    model = diffusion.LatentDiffusion(config.diffusion, latent_shape[0], len(LABELS)).to(device)
+    model = diffusion.LatentDiffusion(config.diffusion, latent_shape[0], len(PHANTOM_LABELS)).to(
+        device
+    )
     latents = torch.rand(batch, *latent_shape, device=device) * 2 - 1
-    index = torch.randint(0, len(LABELS), (batch, *shape), device=device)
-    maps = F.one_hot(index, len(LABELS)).permute(0, 4, 1, 2, 3).float()
+    index = torch.randint(0, len(PHANTOM_LABELS), (batch, *shape), device=device)
+    maps = F.one_hot(index, len(PHANTOM_LABELS)).permute(0, 4, 1, 2, 3).float()
     if not private:
         optimiser = diffusion.make_optimiser(model)
         return (lambda: diffusion.train_step(model, latents, maps, optimiser)), batch

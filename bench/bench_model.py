@@ -41,12 +41,11 @@ from lsdm.config import LSDMConfig, preset
 from lsdm.diffusion import LatentDiffusion, make_optimiser, training_scheduler
 from lsdm.diffusion import train_step as ldm_train_step
 from lsdm.generate import Generator
-from lsdm.phantom import write_cohort
+from lsdm.phantom import PHANTOM_LABELS, write_cohort
 from lsdm.vqgan import VQGAN, make_optimisers
 from lsdm.vqgan import train_step as vqgan_train_step
 
 VARIANTS = ("ours", "baseline")
-LABELS = {0: "background", 1: "fat", 2: "fibroglandular", 3: "vessel", 4: "lesion"}
 
 
 # ---- the plain baselines -------------------------------------------------------------------
@@ -154,7 +153,7 @@ def build(name: str, variant: str, config: LSDMConfig, args, device):
     )
     compile_ = torch.compile if ours and args.compile else (lambda module: module)
     shape = config.data.shape
-    maps = torch.zeros(config.diffusion.batch_size, len(LABELS), *shape, device=device)
+    maps = torch.zeros(config.diffusion.batch_size, len(PHANTOM_LABELS), *shape, device=device)
     maps[:, 1] = 1.0
 
     if name == "vqgan_step":
@@ -176,7 +175,7 @@ def build(name: str, variant: str, config: LSDMConfig, args, device):
     if name == "ldm_step":
         batch = config.diffusion.batch_size
         latent_shape = (config.vqgan.embedding_dim, *(n // 4 for n in shape))
-        model = LatentDiffusion(config.diffusion, latent_shape[0], len(LABELS)).to(device)
+        model = LatentDiffusion(config.diffusion, latent_shape[0], len(PHANTOM_LABELS)).to(device)
         optimiser = make_optimiser(model)
         model.unet = compile_(model.unet)
         latents = torch.rand(batch, *latent_shape, device=device) * 2 - 1
@@ -190,8 +189,8 @@ def build(name: str, variant: str, config: LSDMConfig, args, device):
 
         return fn, batch
     steps = int(name.split("_")[1])  # sample_<steps>
-    ldm = LatentDiffusion(config.diffusion, config.vqgan.embedding_dim, len(LABELS))
-    generator = Generator(VQGAN(config.vqgan), ldm, config, LABELS, device)
+    ldm = LatentDiffusion(config.diffusion, config.vqgan.embedding_dim, len(PHANTOM_LABELS))
+    generator = Generator(VQGAN(config.vqgan), ldm, config, PHANTOM_LABELS, device)
     generator.ldm.ema.module = compile_(generator.ldm.ema.module)
     batch = min(2, config.diffusion.batch_size)
 

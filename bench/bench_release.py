@@ -32,12 +32,10 @@ from lsdm.bundle import PhaseRounds, Provenance, build_bundle, load_bundle
 from lsdm.checkpoint import checkpoint_identity, save_checkpoint
 from lsdm.config import preset
 from lsdm.data import open_cohort
-from lsdm.phantom import write_cohort
+from lsdm.phantom import PHANTOM_LABELS, write_cohort
 from lsdm.release_report import build_report, write_report
 from lsdm.train_ldm import build_ldm, file_sha256
 from lsdm.vqgan import VQGAN
-
-LABELS = {0: "background", 1: "fat", 2: "fibroglandular", 3: "vessel", 4: "lesion"}
 
 
 def _sync(device: str) -> None:
@@ -67,8 +65,8 @@ def main() -> None:
         phantom_s = time.perf_counter() - t
 
         torch.manual_seed(0)
-        vqgan, ldm = VQGAN(config.vqgan), build_ldm(config, len(LABELS))
-        identity = checkpoint_identity(config, LABELS)
+        vqgan, ldm = VQGAN(config.vqgan), build_ldm(config, len(PHANTOM_LABELS))
+        identity = checkpoint_identity(config, PHANTOM_LABELS)
         save_checkpoint(
             root / "vqgan.safetensors", {"vqgan": vqgan}, None, {"kind": "vqgan", **identity}
         )

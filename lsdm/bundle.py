@@ -50,7 +50,7 @@ FORMAT_VERSION = 1
 DOMAIN = b"med-lsdm generator bundle v1\n"
 SIGNATURE_HEX = 128  # an Ed25519 signature is 64 bytes
 PLACEHOLDER = "0" * SIGNATURE_HEX
-BUNDLE_SUFFIX = ".lsdm-bundle"
+BUNDLE_NAME = "generator.lsdm"  # what the coordinator (in state/) and sites store it as
 
 
 class BundleError(InputError):

@@ -57,10 +57,11 @@ def map_residuals(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     rows = []
     for image, label in zip(images, labels, strict=True):
         volume = image[0].double().numpy()
-        counted = (label > 0).numpy() & ~_boundary(label).numpy()
+        label_values = label.numpy()
+        counted = (label_values > 0) & ~_boundary(label).numpy()
         residual = np.zeros_like(volume)
-        for value in np.unique(label.numpy()[counted]):
-            mask = counted & (label.numpy() == value)
+        for value in np.unique(label_values[counted]):
+            mask = counted & (label_values == value)
             weight = mask.astype(np.float64)
             local = gaussian_filter(volume * weight, SMOOTHING_VOXELS) / np.maximum(
                 gaussian_filter(weight, SMOOTHING_VOXELS), 1e-6

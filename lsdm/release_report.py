@@ -20,7 +20,6 @@ with the real volumes' for reference.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import html
 import json
 import math
@@ -55,6 +54,7 @@ from lsdm.evaluate import (  # noqa: E402
 from lsdm.memorisation import check_memorisation  # noqa: E402
 from lsdm.metrics import frechet_distance  # noqa: E402
 from lsdm.preview import content_centre, planes  # noqa: E402
+from lsdm.train_ldm import file_sha256  # noqa: E402
 
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
@@ -146,7 +146,7 @@ def build_report(
     )
     save_release_sheet(syn, shown, real.labels, pictures_dir / "sheet.png")
 
-    fidelity = _fidelity(
+    fidelity, segmenter, dice = _fidelity(
         real,
         real_all,
         syn,
@@ -156,12 +156,11 @@ def build_report(
         progress("segmenter", segmentation_steps),
         device,
     )
-    fidelity_files = fidelity.pop("_files")
     extractor_path = synthetic_dir / PRIVATE_DIR / "extractor.safetensors"
-    save_checkpoint(extractor_path, {"segmenter": fidelity_files["segmenter"]}, metadata={})
+    save_checkpoint(extractor_path, {"segmenter": segmenter}, metadata={})
     fidelity["frechet_distance"]["extractor_file"] = f"{PRIVATE_DIR}/{extractor_path.name}"
-    fidelity["frechet_distance"]["extractor_sha256"] = _sha256(extractor_path)
-    plot_dice(fidelity_files["dice"], real.labels, pictures_dir / "dice.png")
+    fidelity["frechet_distance"]["extractor_sha256"] = file_sha256(extractor_path)
+    plot_dice(dice, real.labels, pictures_dir / "dice.png")
 
     stage = progress("memorisation check", 1)
     held = None
@@ -207,10 +206,6 @@ def build_report(
     }
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def _fidelity(
     real: Cohort,
     real_all: Volumes,
@@ -220,7 +215,9 @@ def _fidelity(
     seed: int,
     on_step: Callable | None = None,
     device: torch.device | str = "cpu",
-) -> dict:
+) -> tuple[dict, torch.nn.Module, dict]:
+    """The report's ``fidelity`` section, the trained segmenter (the Fréchet extractor) and its
+    Dice per label (for the plot)."""
     train_ids, test_ids = split_subjects(real.ids, seed, 0.34)
     index = {sid: i for i, sid in enumerate(real_all.ids)}
 
@@ -229,7 +226,8 @@ def _fidelity(
         return Volumes(ids, real_all.images[rows], real_all.labels[rows])
 
     segmenter = train_segmenter([subset(train_ids)], len(vocabulary), steps, seed, on_step, device)
-    unseen = [i for i, sid in enumerate(syn.ids) if sid not in set(train_ids)]
+    seen = set(train_ids)
+    unseen = [i for i, sid in enumerate(syn.ids) if sid not in seen]
     scored = unseen or list(range(len(syn.ids)))
     syn_scored = Volumes([syn.ids[i] for i in scored], syn.images[scored], syn.labels[scored])
     dice = {
@@ -239,45 +237,48 @@ def _fidelity(
     frechet = frechet_distance(
         bottleneck_features(segmenter, real_all.images), bottleneck_features(segmenter, syn.images)
     )
-    return {
-        "segmenter": {
-            "network": "MONAI BasicUNet (features 8, 8, 16, 32, 32, 8; instance norm)",
-            "trained_on": "real train split",
-            "steps": steps,
-            "seed": seed,
-            "real_train": train_ids,
-            "real_test": test_ids,
-            "synthetic_scored": syn_scored.ids,
-            "synthetic_scored_rule": (
-                "synthetic volumes whose map is not one of the segmenter's training maps"
-                if unseen
-                else "all synthetic volumes (every one came from a segmenter training map)"
-            ),
+    return (
+        {
+            "segmenter": {
+                "network": "MONAI BasicUNet (features 8, 8, 16, 32, 32, 8; instance norm)",
+                "trained_on": "real train split",
+                "steps": steps,
+                "seed": seed,
+                "real_train": train_ids,
+                "real_test": test_ids,
+                "synthetic_scored": syn_scored.ids,
+                "synthetic_scored_rule": (
+                    "synthetic volumes whose map is not one of the segmenter's training maps"
+                    if unseen
+                    else "all synthetic volumes (every one came from a segmenter training map)"
+                ),
+            },
+            "dice": {
+                "definition": "per-class foreground Dice (background excluded), mean over subjects",
+                "real": _named_dice(dice["real"], real.labels),
+                "synthetic": _named_dice(dice["synthetic"], real.labels),
+            },
+            "frechet_distance": {
+                "value": frechet,
+                "real_volumes": len(real_all.ids),
+                "synthetic_volumes": len(syn.ids),
+                "padding": "none: exactly these volumes' features",
+                "extractor": EXTRACTOR,
+            },
+            "diversity": {
+                "definition": "mean MS-SSIM between pairs of volumes (lower: more diverse); "
+                f"at most {MAX_DIVERSITY_PAIRS} pairs, drawn with the seed",
+                "ms_ssim_between_synthetic": mean_pairwise_ms_ssim(
+                    syn.images, MAX_DIVERSITY_PAIRS, seed
+                ),
+                "ms_ssim_between_real": mean_pairwise_ms_ssim(
+                    real_all.images, MAX_DIVERSITY_PAIRS, seed
+                ),
+            },
         },
-        "dice": {
-            "definition": "per-class foreground Dice (background excluded), mean over subjects",
-            "real": _named_dice(dice["real"], real.labels),
-            "synthetic": _named_dice(dice["synthetic"], real.labels),
-        },
-        "frechet_distance": {
-            "value": frechet,
-            "real_volumes": len(real_all.ids),
-            "synthetic_volumes": len(syn.ids),
-            "padding": "none: exactly these volumes' features",
-            "extractor": EXTRACTOR,
-        },
-        "diversity": {
-            "definition": "mean MS-SSIM between pairs of volumes (lower: more diverse); "
-            f"at most {MAX_DIVERSITY_PAIRS} pairs, drawn with the seed",
-            "ms_ssim_between_synthetic": mean_pairwise_ms_ssim(
-                syn.images, MAX_DIVERSITY_PAIRS, seed
-            ),
-            "ms_ssim_between_real": mean_pairwise_ms_ssim(
-                real_all.images, MAX_DIVERSITY_PAIRS, seed
-            ),
-        },
-        "_files": {"segmenter": segmenter, "dice": dice},
-    }
+        segmenter,
+        dice,
+    )
 
 
 # -- pictures --------------------------------------------------------------------------------------

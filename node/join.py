@@ -40,7 +40,6 @@ class JoinSpec:
 
 
 PINNED_KEY = "coordinator.pub.pem"
-BUNDLE_FILE = "generator.lsdm"
 
 
 def free_port() -> int:
@@ -117,6 +116,8 @@ def _toml_string(value: str) -> str:
 
 def supernode_command(spec: JoinSpec) -> tuple[list[str], dict[str, str]]:
     """The ``flower-supernode`` command line and environment for ``spec``."""
+    from lsdm.bundle import BUNDLE_NAME
+
     workdir = Path(spec.workdir).resolve()
     shim = workdir / "bin"
     shim.mkdir(parents=True, exist_ok=True)
@@ -133,7 +134,7 @@ def supernode_command(spec: JoinSpec) -> tuple[list[str], dict[str, str]]:
         + (
             [
                 f"coordinator_key={_toml_string(str(workdir / PINNED_KEY))}",
-                f"bundle={_toml_string(str(workdir / BUNDLE_FILE))}",
+                f"bundle={_toml_string(str(workdir / BUNDLE_NAME))}",
             ]
             if spec.coordinator_key is not None
             else []

@@ -26,6 +26,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.serverapp import Grid, ServerApp
 
 from lsdm.atomic import atomic_write_text
+from lsdm.bundle import BUNDLE_NAME
 from lsdm.checkpoint import (
     checkpoint_identity,
     load_checkpoint,
@@ -52,7 +53,6 @@ from server.settings import Coordinator, CoordinatorSettings
 app = ServerApp()
 
 VQGAN_PHASE, DIFFUSION_PHASE, CALIBRATE = "vqgan", "diffusion", "calibrate"
-BUNDLE_FILE = "generator.lsdm"  # the signed generator bundle, in state/
 MAX_FAILED_ATTEMPTS = 3  # attempts at one round before the run gives up
 
 
@@ -372,7 +372,7 @@ def hand_out(grid: Grid, fed: Federation) -> dict:
 
     from server.publish import publish
 
-    path = fed.coordinator.state / BUNDLE_FILE
+    path = fed.coordinator.state / BUNDLE_NAME
     publish(fed.coordinator.root, path)
     data = path.read_bytes()
     content = RecordDict(
