@@ -47,7 +47,7 @@ from fresh_process import in_fresh_process
 
 from lsdm import diffusion
 from lsdm import vqgan as vq
-from lsdm.config import LSDMConfig, preset
+from lsdm.config import VQGAN_DOWNSAMPLING, LSDMConfig, preset
 from lsdm.phantom import PHANTOM_LABELS
 from node import privacy
 
@@ -100,7 +100,7 @@ def build(name: str, variant: str, config: LSDMConfig, device: torch.device):
 
         return fn, batch
     batch = config.diffusion.batch_size
-    latent_shape = (config.vqgan.embedding_dim, *(n // 4 for n in shape))
+    latent_shape = (config.vqgan.embedding_dim, *(n // VQGAN_DOWNSAMPLING for n in shape))
     model = diffusion.LatentDiffusion(config.diffusion, latent_shape[0], len(PHANTOM_LABELS)).to(
         device
     )
@@ -225,9 +225,10 @@ def train_at(epsilon: float, cohort, heldout, config: LSDMConfig, seed: int = 0)
     """VQ-GAN then LDM on ``cohort`` at ``epsilon`` (math.inf: no DP), as a DP site would;
     returns the reconstruction PSNR and the map agreement of samples from held-out maps."""
     from lsdm.data import StepBatchSampler, make_dataset
+    from lsdm.diffusion import build_ldm
     from lsdm.generate import Generator
     from lsdm.metrics import NearestClassMean, paired_psnr_ssim
-    from lsdm.train_ldm import build_ldm, encode_cohort
+    from lsdm.train_ldm import encode_cohort
     from node.ledger import Segment, epsilon_of, plan_noise
 
     torch.manual_seed(seed)
@@ -254,8 +255,7 @@ def train_at(epsilon: float, cohort, heldout, config: LSDMConfig, seed: int = 0)
             privacy.private_vqgan_step(model, images[batch], dp, step)
         dp.close()
         codebook = model.codebook.detach()  # data-independent latent range (frozen codebook)
-        model.latent_low.copy_(codebook.min(dim=0).values)
-        model.latent_high.copy_(codebook.max(dim=0).values)
+        model.set_latent_range(codebook.min(dim=0).values, codebook.max(dim=0).values)
     else:
         optimisers = vq.make_optimisers(model)
         sampler = StepBatchSampler(n, config.data.batch_size, seed, 0, v_steps)

@@ -29,12 +29,12 @@ import torch
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from lsdm.bundle import PhaseRounds, Provenance, build_bundle, load_bundle
-from lsdm.checkpoint import checkpoint_identity, save_checkpoint
+from lsdm.checkpoint import checkpoint_identity, file_sha256, save_checkpoint
 from lsdm.config import preset
 from lsdm.data import open_cohort
+from lsdm.diffusion import build_ldm
 from lsdm.phantom import PHANTOM_LABELS, write_cohort
 from lsdm.release_report import build_report, write_report
-from lsdm.train_ldm import build_ldm, file_sha256
 from lsdm.vqgan import VQGAN
 
 

@@ -38,12 +38,12 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from lsdm.atomic import atomic_path
+from lsdm.checkpoint import file_sha256
 from lsdm.config import LSDMConfig
+from lsdm.diffusion import build_ldm, load_ldm
 from lsdm.errors import InputError
 from lsdm.generate import Generator
-from lsdm.train_ldm import build_ldm, file_sha256, load_ldm
-from lsdm.train_vqgan import load_vqgan
-from lsdm.vqgan import VQGAN
+from lsdm.vqgan import VQGAN, load_vqgan
 
 FORMAT = "med-lsdm-generator-bundle"
 FORMAT_VERSION = 1

@@ -7,6 +7,7 @@ caller's metadata) as JSON in the safetensors header. Files are written atomical
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,15 @@ def _optimiser_tensors(name: str, optimiser: torch.optim.Optimizer) -> tuple[dic
             else:
                 scalars[f"{index}/{key}"] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def state_to_bytes(state: dict[str, torch.Tensor]) -> bytes:

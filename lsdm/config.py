@@ -18,6 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from lsdm.errors import InputError
 
+# The VQ-GAN's two stride-2 levels shrink every side by this factor: (D, H, W) -> latent (D/4, ...).
+VQGAN_DOWNSAMPLING = 4
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -35,8 +38,10 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _shape_fits_the_autoencoder(self) -> DataConfig:
-        if any(n % 4 for n in self.shape):
-            raise ValueError(f"shape {self.shape}: every side must be divisible by 4")
+        if any(n % VQGAN_DOWNSAMPLING for n in self.shape):
+            raise ValueError(
+                f"shape {self.shape}: every side must be divisible by {VQGAN_DOWNSAMPLING}"
+            )
         return self
 
 
@@ -109,11 +114,11 @@ class LSDMConfig(_Strict):
 
     @model_validator(mode="after")
     def _shape_fits_both_networks(self) -> LSDMConfig:
-        factor = 4 * 2 ** (len(self.diffusion.channels) - 1)  # VQ-GAN 4x, then the UNet levels
+        factor = VQGAN_DOWNSAMPLING * 2 ** (len(self.diffusion.channels) - 1)
         if any(n % factor for n in self.data.shape):
             raise ValueError(
                 f"shape {self.data.shape}: every side must be divisible by {factor} "
-                f"(4 for the VQ-GAN times 2 per extra UNet level)"
+                f"({VQGAN_DOWNSAMPLING} for the VQ-GAN times 2 per extra UNet level)"
             )
         return self
 

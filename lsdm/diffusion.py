@@ -17,6 +17,7 @@ one batched forward pass. An exponential moving average of the weights is kept a
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,8 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowSchedul
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from lsdm.config import DiffusionConfig
+from lsdm.checkpoint import load_checkpoint, read_identity
+from lsdm.config import DiffusionConfig, LSDMConfig
 
 
 class LatentDiffusion(nn.Module):
@@ -57,6 +59,18 @@ class LatentDiffusion(nn.Module):
     def downsampling(self) -> int:
         """Each latent side must be divisible by this (the UNet halves it per level)."""
         return 2 ** (len(self.config.channels) - 1)
+
+
+def build_ldm(config: LSDMConfig, num_labels: int) -> LatentDiffusion:
+    return LatentDiffusion(config.diffusion, config.vqgan.embedding_dim, num_labels)
+
+
+def load_ldm(path: Path, device: torch.device | str = "cpu"):
+    """The latent diffusion model of a checkpoint, its configuration, vocabulary and metadata."""
+    config, labels = read_identity(path, "ldm")
+    model = build_ldm(config, len(labels)).to(device)
+    metadata = load_checkpoint(path, {"ldm": model}, device=device)
+    return model.eval(), config, labels, metadata
 
 
 @functools.cache

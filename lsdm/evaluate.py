@@ -37,7 +37,10 @@ from monai.losses import DiceCELoss  # noqa: E402
 from monai.networks.nets import BasicUNet  # noqa: E402
 
 from lsdm.atomic import atomic_path, atomic_write_text  # noqa: E402
-from lsdm.checkpoint import save_checkpoint  # noqa: E402
+from lsdm.checkpoint import (
+    file_sha256,  # noqa: E402
+    save_checkpoint,  # noqa: E402
+)
 from lsdm.cohort import IMAGES_DIR, MAPS_DIR, NIFTI_SUFFIX  # noqa: E402
 from lsdm.config import LSDMConfig  # noqa: E402
 from lsdm.data import Cohort, StepBatchSampler, make_dataset  # noqa: E402
@@ -50,7 +53,6 @@ from lsdm.metrics import (  # noqa: E402
     paired_psnr_ssim,
 )
 from lsdm.resnet_features import ResNetExtractor
-from lsdm.train_ldm import file_sha256  # noqa: E402
 
 
 @dataclass

@@ -22,14 +22,13 @@ import torch
 import torch.nn.functional as F
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 
+from lsdm.checkpoint import file_sha256
 from lsdm.cohort import IMAGES_DIR, MAPS_DIR, NIFTI_SUFFIX, subject_id, write_nifti
 from lsdm.config import LSDMConfig
-from lsdm.diffusion import LatentDiffusion, sample_latents
+from lsdm.diffusion import LatentDiffusion, load_ldm, sample_latents
 from lsdm.errors import InputError
-from lsdm.train_ldm import file_sha256, load_ldm
-from lsdm.train_vqgan import load_vqgan
 from lsdm.training import default_device
-from lsdm.vqgan import VQGAN
+from lsdm.vqgan import VQGAN, load_vqgan
 
 RAS = axcodes2ornt("RAS")
 
@@ -127,7 +126,7 @@ class Generator:
         steps = steps or self.config.diffusion.sampling_steps
         if guidance_scale is None:
             guidance_scale = self.config.diffusion.guidance_scale
-        latent_shape = (self.config.vqgan.embedding_dim, *(n // 4 for n in maps.shape[2:]))
+        latent_shape = self.vqgan.latent_shape(maps.shape[2:])
         noise = torch.stack(
             [torch.randn(latent_shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
         ).to(self.device)

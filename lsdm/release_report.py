@@ -36,7 +36,10 @@ import torch  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
 from lsdm.atomic import atomic_path, atomic_write_text  # noqa: E402
-from lsdm.checkpoint import save_checkpoint  # noqa: E402
+from lsdm.checkpoint import (
+    file_sha256,  # noqa: E402
+    save_checkpoint,  # noqa: E402
+)
 from lsdm.cohort import IMAGES_DIR, MAPS_DIR, NIFTI_SUFFIX  # noqa: E402
 from lsdm.config import LSDMConfig  # noqa: E402
 from lsdm.data import Cohort  # noqa: E402
@@ -54,7 +57,6 @@ from lsdm.evaluate import (  # noqa: E402
 from lsdm.memorisation import check_memorisation  # noqa: E402
 from lsdm.metrics import frechet_distance  # noqa: E402
 from lsdm.preview import content_centre, planes  # noqa: E402
-from lsdm.train_ldm import file_sha256  # noqa: E402
 
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"

@@ -7,7 +7,6 @@ one byte a voxel, one-hot only per batch) stay in memory for the whole run.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,14 +14,13 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
-from lsdm.checkpoint import checkpoint_identity, load_checkpoint, read_identity, save_checkpoint
+from lsdm.checkpoint import checkpoint_identity, file_sha256, load_checkpoint, save_checkpoint
 from lsdm.config import LSDMConfig
 from lsdm.data import Cohort, StepBatchSampler, make_dataset, make_loader
-from lsdm.diffusion import LatentDiffusion, make_optimiser, train_step
+from lsdm.diffusion import LatentDiffusion, build_ldm, make_optimiser, train_step
 from lsdm.errors import InputError
-from lsdm.train_vqgan import load_vqgan
 from lsdm.training import StepCallback, begin_run, default_device, run_steps
-from lsdm.vqgan import VQGAN
+from lsdm.vqgan import VQGAN, load_vqgan
 
 
 @dataclass
@@ -44,14 +42,6 @@ class LDMRun:
     step: int
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @torch.no_grad()
 def encode_cohort(vqgan: VQGAN, cohort: Cohort, config: LSDMConfig) -> EncodedCohort:
     device = next(vqgan.parameters()).device
@@ -60,18 +50,6 @@ def encode_cohort(vqgan: VQGAN, cohort: Cohort, config: LSDMConfig) -> EncodedCo
         latents.append(vqgan.encode(batch["image"].to(device)).cpu())
         label_index.append(batch["map"].argmax(dim=1).to(torch.uint8))
     return EncodedCohort(torch.cat(latents), torch.cat(label_index), len(cohort.labels))
-
-
-def build_ldm(config: LSDMConfig, num_labels: int) -> LatentDiffusion:
-    return LatentDiffusion(config.diffusion, config.vqgan.embedding_dim, num_labels)
-
-
-def load_ldm(path: Path, device: torch.device | str = "cpu"):
-    """The latent diffusion model of a checkpoint, its configuration, vocabulary and metadata."""
-    config, labels = read_identity(path, "ldm")
-    model = build_ldm(config, len(labels)).to(device)
-    metadata = load_checkpoint(path, {"ldm": model}, device=device)
-    return model.eval(), config, labels, metadata
 
 
 def train_ldm(

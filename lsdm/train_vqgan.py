@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from monai.metrics import PSNRMetric
 
-from lsdm.checkpoint import checkpoint_identity, load_checkpoint, read_identity, save_checkpoint
+from lsdm.checkpoint import checkpoint_identity, load_checkpoint, save_checkpoint
 from lsdm.cohort import NIFTI_SUFFIX, write_nifti
 from lsdm.config import LSDMConfig
 from lsdm.data import Cohort, make_dataset, make_loader
@@ -26,14 +26,6 @@ class VQGANRun:
     model: VQGAN
     step: int
     psnr: dict[str, float]  # reconstruction PSNR (dB, on the [-1, 1] scale) per previewed subject
-
-
-def load_vqgan(path: Path, device: torch.device | str = "cpu") -> tuple[VQGAN, LSDMConfig]:
-    """The trained VQ-GAN of a checkpoint (in eval mode) and the configuration it was made with."""
-    config, _ = read_identity(path, "vqgan")
-    model = VQGAN(config.vqgan).to(device)
-    load_checkpoint(path, {"vqgan": model}, device=device)
-    return model.eval(), config
 
 
 def train_vqgan(

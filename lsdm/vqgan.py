@@ -17,7 +17,9 @@ larger than any encoding, which squeezes every real latent into a sliver of [-1,
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -25,9 +27,10 @@ from monai.losses import PatchAdversarialLoss
 from monai.networks.nets import VQVAE, PatchDiscriminator
 from torch import nn
 
-from lsdm.config import VQGANConfig
+from lsdm.checkpoint import load_checkpoint, read_identity
+from lsdm.config import VQGAN_DOWNSAMPLING, LSDMConfig, VQGANConfig
 
-LEVELS = 2  # two stride-2 levels: (D, H, W) -> (D/4, H/4, W/4)
+LEVELS = int(math.log2(VQGAN_DOWNSAMPLING))  # stride-2 levels
 
 
 class VQGAN(nn.Module):
@@ -68,17 +71,32 @@ class VQGAN(nn.Module):
         """``(num_embeddings, embedding_dim)``."""
         return self.autoencoder.quantizer.quantizer.embedding.weight
 
+    def latent_shape(self, volume_shape: tuple[int, int, int]) -> tuple[int, int, int, int]:
+        """``(E, d, h, w)``: the latent of a ``(D, H, W)`` volume."""
+        return (self.config.embedding_dim, *(n // VQGAN_DOWNSAMPLING for n in volume_shape))
+
     @torch.no_grad()
-    def calibrate_latent_scale(self, images: torch.Tensor) -> None:
-        """Fix the latent scaling to the per-channel range of the encodings of ``images``
-        (a sample of the training volumes, ``(N, 1, D, H, W)``); done before every save."""
+    def latent_range(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel ``(low, high)``, each ``(E,)``, of the unscaled encodings of ``images``
+        ``(N, 1, D, H, W)``: what :meth:`set_latent_range` takes."""
         was_training = self.training
         self.eval()
         z = torch.cat([self.autoencoder.encode(chunk) for chunk in images.split(2)])
-        z = z.transpose(0, 1).flatten(1)
         self.train(was_training)
-        self.latent_low.copy_(z.min(dim=1).values)
-        self.latent_high.copy_(torch.maximum(z.max(dim=1).values, self.latent_low + 1e-6))
+        z = z.transpose(0, 1).flatten(1)
+        return z.min(dim=1).values, z.max(dim=1).values
+
+    @torch.no_grad()
+    def set_latent_range(self, low: torch.Tensor, high: torch.Tensor) -> None:
+        """Fix the latent scaling: ``low`` maps to -1 and ``high`` to 1, per channel."""
+        low = low.to(self.latent_low)
+        self.latent_low.copy_(low)
+        self.latent_high.copy_(torch.maximum(high.to(low), low + 1e-6))
+
+    def calibrate_latent_scale(self, images: torch.Tensor) -> None:
+        """Fix the latent scaling to the per-channel range of the encodings of ``images``
+        (a sample of the training volumes, ``(N, 1, D, H, W)``); done before every save."""
+        self.set_latent_range(*self.latent_range(images))
 
     def _range(self) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (1, -1, 1, 1, 1)
@@ -94,6 +112,14 @@ class VQGAN(nn.Module):
         low, high = self._range()
         quantised, _ = self.autoencoder.quantize((latents + 1.0) / 2.0 * (high - low) + low)
         return self.autoencoder.decode(quantised)
+
+
+def load_vqgan(path: Path, device: torch.device | str = "cpu") -> tuple[VQGAN, LSDMConfig]:
+    """The trained VQ-GAN of a checkpoint (in eval mode) and the configuration it was made with."""
+    config, _ = read_identity(path, "vqgan")
+    model = VQGAN(config.vqgan).to(device)
+    load_checkpoint(path, {"vqgan": model}, device=device)
+    return model.eval(), config
 
 
 @dataclass

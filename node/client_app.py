@@ -290,7 +290,7 @@ def run_round(content: RecordDict, node_config: dict) -> RecordDict:
     from lsdm import vqgan as vq
     from lsdm.config import preset
     from lsdm.data import StepBatchSampler, make_dataset, make_loader, open_cohort
-    from lsdm.train_ldm import build_ldm
+    from lsdm.diffusion import build_ldm
     from policies import load_site_policy
 
     torch.set_num_threads(int(node_config.get("threads", torch.get_num_threads())))

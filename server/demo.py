@@ -59,7 +59,7 @@ def run_federated_demo(
     from typer.testing import CliRunner
 
     from lsdm.bundle import BUNDLE_NAME, load_generator, load_public_key
-    from lsdm.train_vqgan import load_vqgan
+    from lsdm.vqgan import load_vqgan
     from node.cli import app as node_app
     from server.cli import app as server_app
 

@@ -13,10 +13,16 @@ import tempfile
 from pathlib import Path
 
 from lsdm.bundle import DPBudget, Manifest, PhaseRounds, Provenance, build_bundle
-from lsdm.checkpoint import checkpoint_identity, load_checkpoint, read_metadata, save_checkpoint
+from lsdm.checkpoint import (
+    checkpoint_identity,
+    file_sha256,
+    load_checkpoint,
+    read_metadata,
+    save_checkpoint,
+)
 from lsdm.config import LSDMConfig
+from lsdm.diffusion import build_ldm
 from lsdm.errors import InputError
-from lsdm.train_ldm import build_ldm, file_sha256
 from lsdm.vqgan import VQGAN
 from server.aggregate import combined_privacy
 from server.settings import Coordinator

@@ -29,6 +29,7 @@ from lsdm.atomic import atomic_write_text
 from lsdm.bundle import BUNDLE_NAME
 from lsdm.checkpoint import (
     checkpoint_identity,
+    file_sha256,
     load_checkpoint,
     read_metadata,
     save_checkpoint,
@@ -36,7 +37,7 @@ from lsdm.checkpoint import (
     state_to_bytes,
 )
 from lsdm.config import LSDMConfig, preset
-from lsdm.train_ldm import build_ldm, file_sha256
+from lsdm.diffusion import build_ldm
 from lsdm.vqgan import VQGAN
 from server.aggregate import (
     Update,

@@ -26,9 +26,15 @@ from lsdm.bundle import (
     verify_bundle,
     verify_bytes,
 )
-from lsdm.checkpoint import checkpoint_identity, load_checkpoint, read_metadata, save_checkpoint
+from lsdm.checkpoint import (
+    checkpoint_identity,
+    file_sha256,
+    load_checkpoint,
+    read_metadata,
+    save_checkpoint,
+)
+from lsdm.diffusion import build_ldm
 from lsdm.generate import Generator
-from lsdm.train_ldm import build_ldm, file_sha256
 from lsdm.vqgan import VQGAN
 from node.cli import app as node_app
 from server.cli import app as server_app

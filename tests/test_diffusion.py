@@ -17,14 +17,15 @@ from lsdm.diffusion import (
     LatentDiffusion,
     diffusion_loss,
     guided_prediction,
+    load_ldm,
     make_optimiser,
     null_maps_for,
     train_step,
 )
 from lsdm.generate import Generator
 from lsdm.metrics import NearestClassMean
-from lsdm.train_ldm import encode_cohort, load_ldm, train_ldm
-from lsdm.train_vqgan import load_vqgan
+from lsdm.train_ldm import encode_cohort, train_ldm
+from lsdm.vqgan import load_vqgan
 from tests.helpers import conditioning_config
 
 

@@ -21,8 +21,8 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from lsdm import vqgan as vq
 from lsdm.config import preset
 from lsdm.data import make_dataset, open_cohort
+from lsdm.diffusion import build_ldm
 from lsdm.phantom import write_cohort
-from lsdm.train_ldm import build_ldm
 from node import privacy
 from node.client_app import Refusal, pack, run_round, unpack
 from node.ledger import LEDGER_NAME, BudgetExceeded, Ledger, Segment, epsilon_of, plan_noise

@@ -12,8 +12,8 @@ from monai.metrics import PSNRMetric
 from lsdm.checkpoint import load_checkpoint
 from lsdm.config import preset
 from lsdm.data import make_dataset, open_cohort
-from lsdm.train_vqgan import load_vqgan, train_vqgan
-from lsdm.vqgan import VQGAN, reconstruct
+from lsdm.train_vqgan import train_vqgan
+from lsdm.vqgan import VQGAN, load_vqgan, reconstruct
 from tests.helpers import small_config
 
 
