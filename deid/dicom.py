@@ -15,14 +15,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from pydicom import config as pydicom_config
-from pydicom.datadict import keyword_for_tag
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, UID_dictionary
+from pydicom.uid import ExplicitVRLittleEndian
 
 from deid.keys import SiteKeys
-from deid.profile import action_table, basic_action, resolve
+from deid.profile import PrivateTagRule, action_table, basic_action, is_class_uid, resolve
 from policies.site import PixelMask, SitePolicy
 
 # Constants that identify no one, written where the profile says D (dummy). The scanner accepts
@@ -46,8 +45,6 @@ _META_DROP = ("SourceApplicationEntityTitle", "SendingApplicationEntityTitle",
               "ReceivingApplicationEntityTitle", "SourcePresentationAddress",
               "SendingPresentationAddress", "ReceivingPresentationAddress",
               "PrivateInformationCreatorUID", "PrivateInformation")  # fmt: skip
-# Unlisted UIDs that name a class, syntax or scheme rather than an instance: kept as they are.
-_KEEP_UID_KEYWORD = re.compile(r"(ClassUID|TransferSyntaxUID|CodingSchemeUID|ContextUID)$")
 _DATE8 = re.compile(r"^(\d{8})(.*)$")
 _WORD = re.compile(r"[A-Za-z0-9]+")
 _LONG_NUMBER = re.compile(r"\d{4,}")
@@ -112,9 +109,7 @@ class Deidentifier:
         self.keys = keys
         self.options = frozenset(policy.deid.options)
         self.table = action_table(self.options)
-        self._safe_private = {
-            (t.group, t.creator.strip(), t.element) for t in policy.deid.safe_private_tags
-        }
+        self.private_rule = PrivateTagRule.of(policy)
 
     # -- public ----------------------------------------------------------------------------------
     def check_releasable(self, ds: Dataset) -> None:
@@ -196,7 +191,7 @@ class Deidentifier:
             if tag.is_private:
                 if tag.is_private_creator:
                     private_creators.append(elem)
-                elif self._keep_private(ds, elem):
+                elif self.private_rule.keeps(ds, elem):
                     kept_private_blocks.add((tag.group, tag.element >> 8))
                     self._count(ctx, "K-private")
                     if elem.VR == "SQ":
@@ -247,7 +242,7 @@ class Deidentifier:
             self._act(ds, elem, "Z", ctx)
         elif vr in ("DA", "DT"):
             self._act(ds, elem, self._date_action(), ctx)
-        elif vr == "UI" and not self._is_class_uid(elem):
+        elif vr == "UI" and not is_class_uid(elem):
             self._act(ds, elem, "K" if self._has("Retain UIDs") else "U", ctx)
 
     def _date_action(self) -> str:
@@ -256,14 +251,6 @@ class Deidentifier:
         if self.policy.deid.shifts_dates:
             return "C"
         return "Z"
-
-    @staticmethod
-    def _is_class_uid(elem: DataElement) -> bool:
-        kw = elem.keyword or keyword_for_tag(elem.tag) or ""
-        if _KEEP_UID_KEYWORD.search(kw):
-            return True
-        values = elem.value if elem.VM > 1 else [elem.value]
-        return all(_str(v) in UID_dictionary for v in values if _str(v))
 
     # -- the actions ------------------------------------------------------------------------------
     def _dummy(self, elem: DataElement) -> None:
@@ -308,16 +295,6 @@ class Deidentifier:
             pass  # patient characteristics under Retain Patient Characteristics: handled after
         else:
             elem.value = b"" if vr in ("OB", "OW", "UN") else ""
-
-    def _keep_private(self, ds: Dataset, elem: DataElement) -> bool:
-        if not self._safe_private or not self._has("Retain Safe Private"):
-            return False
-        tag = elem.tag
-        creator_tag = (tag.group << 16) | (tag.element >> 8)
-        if creator_tag not in ds:
-            return False
-        creator = _str(ds[creator_tag].value)
-        return (tag.group, creator, tag.element & 0xFF) in self._safe_private
 
     @staticmethod
     def _count(ctx: _Context, action: str) -> None:

@@ -1,15 +1,27 @@
-"""Resolve the PS3.15 Annex E action for an attribute under a policy's options."""
+"""The PS3.15 Annex E rules that de-identification (``deid.dicom``) and the PHI scan
+(``deid.scan``) share: the action for an attribute under a policy's options, which private elements
+a policy keeps, and which UIDs name a class rather than an instance."""
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from functools import lru_cache
 
+from pydicom.datadict import keyword_for_tag
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.uid import UID_dictionary
+
 from deid.annex_e_table import BASIC_PROFILE, BASIC_PROFILE_MASKED, OPTION_ACTIONS
+from policies.site import SitePolicy
 
 # Options whose table column is applied as an override of the Basic action. "Clean Pixel Data",
 # "Clean Recognizable Visual Features" and "Retain Safe Private" act on pixels and private tags and
 # are handled where those are.
 _COLUMN_OPTIONS = tuple(OPTION_ACTIONS)
+# Unlisted UIDs that name a class, syntax or scheme rather than an instance: kept as they are.
+_KEEP_UID_KEYWORD = re.compile(r"(ClassUID|TransferSyntaxUID|CodingSchemeUID|ContextUID)$")
 
 
 def basic_action(tag: int) -> str | None:
@@ -48,3 +60,43 @@ def resolve(action: str, vr: str) -> str:
     if action in ("Z/D", "X/D", "X/Z/D"):
         return "D"
     return action
+
+
+def _str(value: object) -> str:
+    return "" if value is None else str(value).strip()
+
+
+def is_class_uid(elem: DataElement) -> bool:
+    """True for a UID element that names a class, transfer syntax or coding scheme (kept as it is),
+    by its keyword or because every value is a UID of the standard; false for instance UIDs."""
+    kw = elem.keyword or keyword_for_tag(elem.tag) or ""
+    if _KEEP_UID_KEYWORD.search(kw):
+        return True
+    values = elem.value if elem.VM > 1 else [elem.value]
+    return all(_str(v) in UID_dictionary for v in values if _str(v))
+
+
+@dataclass(frozen=True)
+class PrivateTagRule:
+    """Which private elements a policy keeps: only under Retain Safe Private, and only those the
+    site listed as safe, matched by (group, private creator, element within the block)."""
+
+    safe: frozenset[tuple[int, str, int]]
+
+    @classmethod
+    def of(cls, policy: SitePolicy) -> PrivateTagRule:
+        if not policy.deid.has("Retain Safe Private"):
+            return cls(frozenset())
+        tags = policy.deid.safe_private_tags
+        return cls(frozenset((t.group, t.creator.strip(), t.element) for t in tags))
+
+    def keeps(self, ds: Dataset, elem: DataElement) -> bool:
+        """Whether private element ``elem`` of ``ds`` (not a creator element) is kept."""
+        if not self.safe:
+            return False
+        tag = elem.tag
+        creator_tag = (tag.group << 16) | (tag.element >> 8)
+        if creator_tag not in ds:
+            return False
+        creator = _str(ds[creator_tag].value)
+        return (tag.group, creator, tag.element & 0xFF) in self.safe

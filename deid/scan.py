@@ -23,9 +23,9 @@ import nibabel as nib
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
-from deid.dicom import DUMMY_VALUES, TEXT_VRS, Deidentifier
+from deid.dicom import DUMMY_VALUES, TEXT_VRS
 from deid.files import NotDicom, iter_files, read_dicom
-from deid.profile import action_table, basic_action, resolve
+from deid.profile import PrivateTagRule, action_table, basic_action, is_class_uid, resolve
 from policies.presets import STRICT
 from policies.site import SitePolicy
 
@@ -155,23 +155,13 @@ class KnownValues:
                     self._found.add(c)
 
 
-def identifying_values(ds: Dataset) -> set[str]:
-    known = KnownValues()
-    known.add(ds)
-    return known.values
-
-
 # -- DICOM -----------------------------------------------------------------------------------------
 class DicomChecker:
     def __init__(self, policy: SitePolicy):
         self.policy = policy
         self.options = frozenset(policy.deid.options)
         self.table = action_table(self.options)
-        self._deid = Deidentifier.__new__(Deidentifier)  # only for its private-tag rule
-        self._deid.options = self.options
-        self._deid._safe_private = {
-            (t.group, t.creator.strip(), t.element) for t in policy.deid.safe_private_tags
-        }
+        self.private_rule = PrivateTagRule.of(policy)
 
     def check(self, ds: Dataset, rel: str) -> list[Finding]:
         out: list[Finding] = []
@@ -194,7 +184,7 @@ class DicomChecker:
             if elem.tag.is_private:
                 if elem.tag.is_private_creator:
                     continue
-                if not self._deid._keep_private(ds, elem):
+                if not self.private_rule.keeps(ds, elem):
                     out.append(Finding(rel, where, "private", f"private tag {elem.tag}"))
                     continue
             values = _values(elem)
@@ -216,7 +206,7 @@ class DicomChecker:
                 return mask(bad[0])
             if vr in ("DA", "DT") and not self._dates_allowed() and bad:
                 return mask(bad[0])
-            if vr == "UI" and not Deidentifier._is_class_uid(elem):
+            if vr == "UI" and not is_class_uid(elem):
                 return self._uid_problem(values)
             return None
         action = resolve(action, vr)

@@ -29,12 +29,11 @@ invalid; nothing is fixed silently.
 
 from __future__ import annotations
 
-import math
 import secrets
 import types
 import warnings
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -416,15 +415,3 @@ def vqgan_mechanisms(step_from: int, step_to: int, adversarial_start: int) -> li
     before = max(0, min(step_to, adversarial_start) - step_from)
     after = max(0, step_to - max(step_from, adversarial_start))
     return [(n, k) for n, k in ((before, 1), (after, 2)) if n > 0]
-
-
-def effective_noise(noise_multiplier: float, mechanisms: int) -> float:
-    return noise_multiplier / math.sqrt(mechanisms)
-
-
-@contextmanager
-def closing(*nets) -> Iterator[None]:
-    with ExitStack() as stack:
-        for net in nets:
-            stack.callback(net.close)
-        yield
