@@ -1,4 +1,4 @@
-"""3D volumes from DICOM series, label maps that must sit on their image's grid, fresh NIfTI.
+"""3D volumes from DICOM series and label maps that must sit on their image's grid.
 
 Geometry follows PS3.3 C.7.6.2: a voxel (column c, row r) of a slice lies at
 ``ImagePositionPatient + c * PixelSpacing[1] * row_direction + r * PixelSpacing[0] * col_direction``
@@ -305,15 +305,3 @@ def crop_to_labels(
     shifted = affine.copy()
     shifted[:3, 3] = affine[:3, :3] @ lo + affine[:3, 3]
     return image[window], label_map[window], shifted
-
-
-def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
-    """A fresh NIfTI-1 file from array and affine alone: no header text, no extensions."""
-    img = nib.Nifti1Image(np.ascontiguousarray(array), affine)
-    header = img.header
-    for field in ("descrip", "aux_file", "intent_name", "db_name"):
-        header[field] = b""
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    header.set_xyzt_units("mm", "sec")
-    nib.save(img, path)

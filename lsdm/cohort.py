@@ -51,9 +51,30 @@ def subject_id(path: Path) -> str:
 
 
 def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
-    """A fresh NIfTI from array and affine only (no header text), written atomically."""
+    """Write ``array`` (3D, array axes as given) with its voxel-to-RAS ``affine`` as a NIfTI-1 file.
+
+    The one NIfTI writer of the project (phantoms, de-identified site cohorts, reconstructions,
+    synthetic volumes and their maps). Its header rule, which de-identification relies on (NIfTI
+    headers carry free text, see DESIGN §6):
+
+    - the header is made fresh from the array and the affine alone, never copied from an input;
+    - its text fields ``descrip``, ``aux_file``, ``intent_name`` and ``db_name`` are empty, and it
+      has no header extensions;
+    - qform and sform both hold ``affine`` with code 1 (scanner), units are mm and seconds;
+    - dtype: the array's own dtype is stored unchanged (callers pass float32 images and uint8 label
+      maps); nibabel refuses 64-bit integers, so a map must be narrowed before it is written.
+
+    The file is written atomically: a reader never sees it half-written.
+    """
+    img = nib.Nifti1Image(np.ascontiguousarray(array), affine)
+    header = img.header
+    for field in ("descrip", "aux_file", "intent_name", "db_name"):
+        header[field] = b""
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    header.set_xyzt_units("mm", "sec")
     with atomic_path(Path(path)) as tmp:
-        nib.save(nib.Nifti1Image(array, affine), tmp)
+        nib.save(img, tmp)
 
 
 def write_manifest(root: Path, labels: dict[int, str]) -> CohortManifest:

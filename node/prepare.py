@@ -23,10 +23,9 @@ from deid.volumes import (
     read_nifti_map,
     read_seg_map,
     seg_referenced_series,
-    write_nifti,
 )
 from lsdm.atomic import staged_directory
-from lsdm.cohort import IMAGES_DIR, MAPS_DIR, NIFTI_SUFFIX, write_manifest
+from lsdm.cohort import IMAGES_DIR, MAPS_DIR, NIFTI_SUFFIX, write_manifest, write_nifti
 from node.errors import ScanFailed, UserError
 from policies.site import SitePolicy
 

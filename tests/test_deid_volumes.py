@@ -13,8 +13,8 @@ from deid.volumes import (
     assemble_volume,
     crop_to_labels,
     read_nifti_map,
-    write_nifti,
 )
+from lsdm.cohort import write_nifti
 from policies.site import LabelPolicy, VolumePolicy
 
 POLICY = VolumePolicy()
