@@ -37,14 +37,9 @@ from lsdm.cohort import (
     write_manifest,
     write_nifti,
 )
+from lsdm.labels import BREAST_MRI_LABELS
 
-PHANTOM_LABELS: dict[int, str] = {
-    0: "background",
-    1: "fat",
-    2: "fibroglandular",
-    3: "vessel",
-    4: "lesion",
-}
+PHANTOM_LABELS: dict[int, str] = BREAST_MRI_LABELS  # every subject's map uses this vocabulary
 FIELD_OF_VIEW_MM = (160.0, 200.0, 200.0)  # R, A, S
 LESION_PROBABILITY = 0.6
 INTENSITY_SCALE = 1000.0  # images are stored in a scanner-like range, not in [0, 1]

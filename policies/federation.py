@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from policies.vocabulary import LabelVocabulary, validate_vocabulary
+from policies.vocabulary import BREAST_MRI_LABELS, LabelVocabulary, validate_vocabulary
 
 
 class PhaseRounds(BaseModel):
@@ -22,15 +22,7 @@ class FederationPolicy(BaseModel):
     kind: Literal["federation"] = "federation"
     name: str = Field(min_length=1, max_length=64)
     description: str = ""
-    labels: LabelVocabulary = Field(
-        default_factory=lambda: {
-            0: "background",
-            1: "fat",
-            2: "fibroglandular",
-            3: "vessel",
-            4: "lesion",
-        }
-    )
+    labels: LabelVocabulary = Field(default_factory=lambda: dict(BREAST_MRI_LABELS))
     model_preset: Literal["tiny", "reference"] = "reference"
     rounds: PhaseRounds = Field(default_factory=PhaseRounds)
     min_sites: int = Field(2, ge=1, description="a round starts only with this many sites")

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from policies.vocabulary import LabelVocabulary, validate_vocabulary
+from policies.vocabulary import BREAST_MRI_LABELS, LabelVocabulary, validate_vocabulary
 
 # DICOM PS3.16 CID 7050 "De-identification Method": the code meanings of the options that can be
 # layered on the Basic Application Level Confidentiality Profile (113100).
@@ -185,13 +185,7 @@ class RetainPolicy(_Strict):
 
 class LabelPolicy(_Strict):
     vocabulary: LabelVocabulary = Field(
-        default_factory=lambda: {
-            0: "background",
-            1: "fat",
-            2: "fibroglandular",
-            3: "vessel",
-            4: "lesion",
-        },
+        default_factory=lambda: dict(BREAST_MRI_LABELS),
         description="the federation's label values and names; 0 is background",
     )
     local_to_vocabulary: dict[int, int] = Field(

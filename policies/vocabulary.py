@@ -1,4 +1,9 @@
-"""A label vocabulary: label value -> name, shared by site and federation policies."""
+"""A label vocabulary: label value -> name, shared by site and federation policies.
+
+The default, ``BREAST_MRI_LABELS``, is the one the phantoms draw; it is defined in the
+dependency-free ``lsdm.labels`` (the one import of lsdm that policies may make besides
+``lsdm.errors``).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,10 @@ import re
 from typing import Annotated
 
 from pydantic import Field
+
+from lsdm.labels import BREAST_MRI_LABELS
+
+__all__ = ["BREAST_MRI_LABELS", "LabelVocabulary", "validate_vocabulary"]
 
 LabelVocabulary = Annotated[
     dict[int, str], Field(description="label value -> name; 0 is background")
