@@ -63,6 +63,12 @@ class VQGANConfig(_Strict):
     )
     lr: float = 1e-3
     disc_lr: float = 1e-3
+    latent_scaling: Literal["range", "std"] = Field(
+        "range",
+        description="range: the training latents' per-channel min and max map to -1 and 1; "
+        "std: their mean -/+ one standard deviation do (unit-variance latents, as latent "
+        "diffusion usually assumes)",
+    )
 
 
 class DiffusionConfig(_Strict):
@@ -72,6 +78,16 @@ class DiffusionConfig(_Strict):
     num_head_channels: int = 8
     norm_groups: int = Field(8, ge=1, description="GroupNorm groups; must divide every width")
     spade_channels: int = Field(16, ge=1, description="hidden width of each SPADE block")
+    map_resize: Literal["nearest", "area"] = Field(
+        "area",
+        description="how SPADE shrinks the map to a feature map: nearest keeps one map voxel "
+        "per feature voxel (MONAI's SPADE); area keeps the label fractions of every voxel",
+    )
+    map_at_input: bool = Field(
+        False,
+        description="also give the UNet's first layer the map's label fractions at the latent "
+        "size, beside the noisy latent (SPADE alone reaches only the decoder)",
+    )
     objective: Literal["ddpm", "rflow"] = Field(
         "rflow", description="ddpm: denoising diffusion, sampled with DDIM; rflow: rectified flow"
     )

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from monai.networks.blocks.spade_norm import SPADE
 from monai.networks.nets import SPADEDiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
 from torch import nn
@@ -28,6 +29,55 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from lsdm.checkpoint import load_checkpoint, read_identity
 from lsdm.config import DiffusionConfig, LSDMConfig
+
+
+def label_fractions(maps: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """One-hot ``maps`` (B, L, D, H, W) shrunk to ``size`` by area: each voxel holds the share of
+    every label in the block of map voxels it covers."""
+    if tuple(maps.shape[2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps, size=size, mode="area")
+
+
+class AreaSPADE(SPADE):
+    """MONAI's SPADE with the map shrunk by area instead of nearest: at the latent level a
+    nearest resize keeps one map voxel in 64, and thin structures (vessels) mostly vanish."""
+
+    def forward(self, x: torch.Tensor, segmap: torch.Tensor) -> torch.Tensor:
+        normalized = self.param_free_norm(x.contiguous())
+        actv = self.mlp_shared(label_fractions(segmap, x.shape[2:]))
+        return normalized * (1 + self.mlp_gamma(actv)) + self.mlp_beta(actv)
+
+
+class MapConditionedUNet(SPADEDiffusionModelUNet):
+    """MONAI's 3D SPADE diffusion UNet, ``forward(x, timesteps, seg)``, with two options of
+    :class:`DiffusionConfig`: SPADE's map resize by area (``map_resize``), and the map's label
+    fractions at the latent size concatenated to the input (``map_at_input``), so that the
+    encoder half, which has no SPADE, sees the map too. The parameter names are MONAI's."""
+
+    def __init__(self, config: DiffusionConfig, latent_channels: int, num_labels: int):
+        super().__init__(
+            spatial_dims=3,
+            in_channels=latent_channels + (num_labels if config.map_at_input else 0),
+            out_channels=latent_channels,
+            label_nc=num_labels,
+            channels=config.channels,
+            attention_levels=config.attention_levels,
+            num_res_blocks=config.num_res_blocks,
+            num_head_channels=config.num_head_channels,
+            norm_num_groups=config.norm_groups,
+            spade_intermediate_channels=config.spade_channels,
+        )
+        self.map_at_input = config.map_at_input
+        if config.map_resize == "area":
+            for module in self.modules():
+                if type(module) is SPADE:
+                    module.__class__ = AreaSPADE  # same parameters, another forward
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+        if self.map_at_input:
+            x = torch.cat([x, label_fractions(seg, x.shape[2:]).to(x.dtype)], dim=1)
+        return super().forward(x, timesteps, seg=seg)
 
 
 class LatentDiffusion(nn.Module):
@@ -38,18 +88,7 @@ class LatentDiffusion(nn.Module):
         super().__init__()
         self.config = config
         self.num_labels = num_labels
-        self.unet = SPADEDiffusionModelUNet(
-            spatial_dims=3,
-            in_channels=latent_channels,
-            out_channels=latent_channels,
-            label_nc=num_labels,
-            channels=config.channels,
-            attention_levels=config.attention_levels,
-            num_res_blocks=config.num_res_blocks,
-            num_head_channels=config.num_head_channels,
-            norm_num_groups=config.norm_groups,
-            spade_intermediate_channels=config.spade_channels,
-        )
+        self.unet = MapConditionedUNet(config, latent_channels, num_labels)
         self.ema = AveragedModel(
             self.unet, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True
         )
@@ -167,9 +206,11 @@ def sample_latents(
     noise: torch.Tensor,
     steps: int,
     guidance_scale: float,
+    clip_to_unit: bool = True,
 ) -> torch.Tensor:
     """Denoise ``noise`` (B, E, d, h, w) into latents following ``maps`` with the EMA weights,
-    in ``steps`` DDIM (deterministic, η = 0) or rectified-flow Euler steps."""
+    in ``steps`` DDIM (deterministic, η = 0) or rectified-flow Euler steps. ``clip_to_unit``:
+    DDIM keeps its predicted clean latent in [-1, 1] (right for range-scaled latents only)."""
     config = model.config
     network = model.ema.module.eval()
     x = noise
@@ -186,7 +227,7 @@ def sample_latents(
         num_train_timesteps=config.timesteps,
         schedule=config.schedule,
         prediction_type=config.prediction,
-        clip_sample=True,  # latents live in [-1, 1]: keep the predicted x_0 there
+        clip_sample=clip_to_unit,
     )
     scheduler.set_timesteps(steps, device=noise.device)
     for t in scheduler.timesteps:

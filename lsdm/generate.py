@@ -130,7 +130,14 @@ class Generator:
         noise = torch.stack(
             [torch.randn(latent_shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
         ).to(self.device)
-        latents = sample_latents(self.ldm, maps.to(self.device), noise, steps, guidance_scale)
+        latents = sample_latents(
+            self.ldm,
+            maps.to(self.device),
+            noise,
+            steps,
+            guidance_scale,
+            clip_to_unit=self.vqgan.config.latent_scaling == "range",
+        )
         return self.vqgan.decode(latents).clamp(-1.0, 1.0).cpu()
 
     def check_folder(self, maps_dir: Path) -> list[Path]:

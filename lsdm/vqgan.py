@@ -9,7 +9,8 @@ perceptual loss: every usable 3D feature network downloads weights at run time.
 
 The latent interface for the diffusion stage: :meth:`VQGAN.encode` gives the continuous
 pre-quantisation latent scaled to [-1, 1] per channel, by the range the training data's latents
-span; :meth:`VQGAN.decode` undoes the scaling, quantises and decodes. The range is a pair of
+span (``latent_scaling``: their min and max, or mean -/+ one standard deviation);
+:meth:`VQGAN.decode` undoes the scaling, quantises and decodes. The range is a pair of
 buffers, so it travels in checkpoints. (The codebook's own range, which the published Med-LSDM
 code scales by, is useless with an EMA codebook: unused codes drift to values thousands of times
 larger than any encoding, which squeezes every real latent into a sliver of [-1, 1].)
@@ -78,13 +79,26 @@ class VQGAN(nn.Module):
     @torch.no_grad()
     def latent_range(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel ``(low, high)``, each ``(E,)``, of the unscaled encodings of ``images``
-        ``(N, 1, D, H, W)``: what :meth:`set_latent_range` takes."""
+        ``(N, 1, D, H, W)``, by ``config.latent_scaling``: their min and max, or their mean -/+
+        one standard deviation. What :meth:`set_latent_range` takes."""
         was_training = self.training
         self.eval()
         z = torch.cat([self.autoencoder.encode(chunk) for chunk in images.split(2)])
         self.train(was_training)
         z = z.transpose(0, 1).flatten(1)
+        if self.config.latent_scaling == "std":
+            mean, std = z.mean(dim=1), z.std(dim=1)
+            return mean - std, mean + std
         return z.min(dim=1).values, z.max(dim=1).values
+
+    def codebook_latent_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same statistic of the codebook's vectors: a range that reads no data (for a
+        federation whose sites are all private)."""
+        codes = self.codebook.detach()
+        if self.config.latent_scaling == "std":
+            mean, std = codes.mean(dim=0), codes.std(dim=0)
+            return mean - std, mean + std
+        return codes.min(dim=0).values, codes.max(dim=0).values
 
     @torch.no_grad()
     def set_latent_range(self, low: torch.Tensor, high: torch.Tensor) -> None:
