@@ -28,12 +28,13 @@ from pathlib import Path
 import torch
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from lsdm.bundle import PhaseRounds, Provenance, build_bundle, load_bundle
+from lsdm.bundle import Provenance, build_bundle, load_bundle
 from lsdm.checkpoint import checkpoint_identity, file_sha256, save_checkpoint
 from lsdm.config import preset
 from lsdm.data import open_cohort
 from lsdm.diffusion import build_ldm
 from lsdm.phantom import PHANTOM_LABELS, write_cohort
+from lsdm.phases import PerPhase
 from lsdm.release_report import build_report, write_report
 from lsdm.vqgan import VQGAN
 
@@ -79,7 +80,7 @@ def main() -> None:
         del vqgan, ldm
         key = ed25519.Ed25519PrivateKey.generate()
         provenance = Provenance(
-            federation="bench", sites=1, rounds=PhaseRounds(vqgan=1, diffusion=1)
+            federation="bench", sites=1, rounds=PerPhase(vqgan=1, diffusion=1)
         )
         t = time.perf_counter()
         bundle_path = build_bundle(

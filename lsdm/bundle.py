@@ -43,6 +43,7 @@ from lsdm.config import LSDMConfig
 from lsdm.diffusion import build_ldm, load_ldm
 from lsdm.errors import InputError
 from lsdm.generate import Generator
+from lsdm.phases import PerPhase
 from lsdm.vqgan import VQGAN, load_vqgan
 
 FORMAT = "med-lsdm-generator-bundle"
@@ -64,13 +65,6 @@ class DPBudget(BaseModel):
     delta: float = Field(ge=0, lt=1)
 
 
-class PhaseRounds(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    vqgan: int = Field(ge=0)
-    diffusion: int = Field(ge=0)
-
-
 class Provenance(BaseModel):
     """Where the generator came from. ``dp``: per site its (ε, δ), or ``"none"`` for a site that
     trained without differential privacy; ``"none"`` alone when no site did (or nothing says)."""
@@ -80,7 +74,7 @@ class Provenance(BaseModel):
     federation: str = Field(min_length=1)
     sites: int = Field(ge=1, description="sites that contributed to the shared models")
     site_names: list[str] = Field(default_factory=list)
-    rounds: PhaseRounds
+    rounds: PerPhase
     dp: dict[str, DPBudget | Literal["none"]] | Literal["none"] = "none"
     software_version: str = Field(default_factory=lambda: software_version())
     created_at: str = Field(

@@ -16,13 +16,13 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from lsdm.loopback import free_port
 from node.errors import UserError
 
 
@@ -40,12 +40,6 @@ class JoinSpec:
 
 
 PINNED_KEY = "coordinator.pub.pem"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def check_join(spec: JoinSpec) -> None:

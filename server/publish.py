@@ -12,7 +12,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from lsdm.bundle import DPBudget, Manifest, PhaseRounds, Provenance, build_bundle
+from lsdm.bundle import DPBudget, Manifest, Provenance, build_bundle
 from lsdm.checkpoint import (
     checkpoint_identity,
     file_sha256,
@@ -23,6 +23,7 @@ from lsdm.checkpoint import (
 from lsdm.config import LSDMConfig
 from lsdm.diffusion import build_ldm
 from lsdm.errors import InputError
+from lsdm.phases import PerPhase
 from lsdm.vqgan import VQGAN
 from server.aggregate import combined_privacy
 from server.settings import Coordinator
@@ -135,7 +136,7 @@ def publish(folder: Path, out: Path, checkpoint: Path | None = None) -> Manifest
             federation=policy.name,
             sites=max(1, len(sites) or len(coordinator.registered_sites())),
             site_names=sites or sorted(coordinator.registered_sites()),
-            rounds=PhaseRounds(vqgan=total_vqgan, diffusion=completed - total_vqgan),
+            rounds=PerPhase(vqgan=total_vqgan, diffusion=completed - total_vqgan),
             dp=dp or "none",
         )
         build_bundle(vqgan_path, ldm_path, provenance, key, out)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from lsdm.atomic import atomic_write_text
 from lsdm.errors import InputError
+from lsdm.loopback import free_port
 from server.settings import Coordinator
 
 CONNECTION = "coordinator"
@@ -32,12 +33,6 @@ CONNECTION = "coordinator"
 
 def _bin(name: str) -> str:
     return str(Path(sys.executable).parent / name)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 STARTUP_S = 180.0  # generous: a process that dies is noticed at once (``alive``)

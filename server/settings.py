@@ -20,21 +20,20 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lsdm.errors import InputError
+from lsdm.phases import per_phase_setting
 from policies import FederationPolicy, PolicyError, load_policy
 
-
-class LocalSteps(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    vqgan: int = Field(20, ge=1, description="VQ-GAN training steps a site runs per round")
-    diffusion: int = Field(20, ge=1, description="diffusion training steps a site runs per round")
+# VQ-GAN (phase 1) and diffusion (phase 2) training steps a site runs per round: 20 each.
+LocalSteps = per_phase_setting(
+    vqgan=20, diffusion=20, minimum=1, description="training steps a site runs per round"
+)
 
 
 class CoordinatorSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     hosts: list[str] = Field(min_length=1, description="names/addresses in the server certificate")
-    local_steps: LocalSteps = Field(default_factory=LocalSteps)
+    local_steps: LocalSteps
     max_update_norm: float = Field(
         100.0, gt=0, description="largest L2 norm of a site's change to the shared weights"
     )

@@ -18,7 +18,6 @@ from typer.testing import CliRunner
 from lsdm.bundle import (
     PLACEHOLDER,
     BundleError,
-    PhaseRounds,
     Provenance,
     build_bundle,
     load_generator,
@@ -35,6 +34,7 @@ from lsdm.checkpoint import (
 )
 from lsdm.diffusion import build_ldm
 from lsdm.generate import Generator
+from lsdm.phases import PerPhase
 from lsdm.vqgan import VQGAN
 from node.cli import app as node_app
 from server.cli import app as server_app
@@ -83,7 +83,7 @@ PROVENANCE = Provenance(
     federation="test-federation",
     sites=2,
     site_names=["a", "b"],
-    rounds=PhaseRounds(vqgan=3, diffusion=4),
+    rounds=PerPhase(vqgan=3, diffusion=4),
     dp={"a": {"epsilon": 7.5, "delta": 1e-5}, "b": {"epsilon": 8.0, "delta": 1e-5}},
 )
 
@@ -328,7 +328,7 @@ def test_server_publish_from_a_federation_checkpoint(tmp_path):
     )
     assert result.exit_code == 0, result.output
     manifest = verify_bundle(out, folder / "signing.pub.pem")
-    assert manifest.provenance.rounds == PhaseRounds(vqgan=20, diffusion=5)
+    assert manifest.provenance.rounds == PerPhase(vqgan=20, diffusion=5)
     assert manifest.worst_epsilon == 3.0
     assert manifest.provenance.dp["h2"].epsilon == 2.5
     verified = runner.invoke(

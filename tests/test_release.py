@@ -15,12 +15,13 @@ import yaml
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from typer.testing import CliRunner
 
-from lsdm.bundle import PhaseRounds, Provenance, build_bundle
+from lsdm.bundle import Provenance, build_bundle
 from lsdm.data import open_cohort
 from lsdm.evaluate import load_volumes
 from lsdm.generate import Generator
 from lsdm.memorisation import check_memorisation
 from lsdm.phantom import write_cohort
+from lsdm.phases import PerPhase
 from lsdm.release_report import SECTIONS
 from node.cli import app as node_app
 from node.generate import apply_gate, augment_map
@@ -39,7 +40,7 @@ def release_setup(trained_models, tmp_path_factory):
     key = ed25519.Ed25519PrivateKey.generate()
     private, public = _write_pem(key, root)
     provenance = Provenance(
-        federation="central-test", sites=1, rounds=PhaseRounds(vqgan=1, diffusion=1)
+        federation="central-test", sites=1, rounds=PerPhase(vqgan=1, diffusion=1)
     )
     bundle = build_bundle(
         trained_models.vqgan, trained_models.ldm, provenance, private, root / "g.lsdm-bundle"
