@@ -79,9 +79,7 @@ def main() -> None:
         )
         del vqgan, ldm
         key = ed25519.Ed25519PrivateKey.generate()
-        provenance = Provenance(
-            federation="bench", sites=1, rounds=PerPhase(vqgan=1, diffusion=1)
-        )
+        provenance = Provenance(federation="bench", sites=1, rounds=PerPhase(vqgan=1, diffusion=1))
         t = time.perf_counter()
         bundle_path = build_bundle(
             root / "vqgan.safetensors",
