@@ -28,6 +28,8 @@ from cryptography.fernet import Fernet, InvalidToken
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from lsdm.errors import InputError
+
 KEY_FILE = "site.key"
 LINKS_FILE = "links.enc"
 DEFAULT_KEYS_DIR = Path("~/.lsdm-node")
@@ -39,7 +41,7 @@ PSEUDONYM_CHARS = 16
 PSEUDONYM_ALPHABET = string.ascii_lowercase
 
 
-class KeyStoreError(Exception):
+class KeyStoreError(InputError):
     """The key store is missing, unreadable or unsafe."""
 
 

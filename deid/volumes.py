@@ -17,6 +17,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from deid.files import NotDicom, read_dicom
+from lsdm.errors import InputError
 from policies.site import LabelPolicy, VolumePolicy
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -25,7 +26,7 @@ IMAGE_MODALITIES_EXCLUDED = frozenset(
 )
 
 
-class VolumeError(Exception):
+class VolumeError(InputError):
     """A series or map that cannot become a training volume; ``reason`` says why."""
 
     def __init__(self, reason: str):

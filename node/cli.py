@@ -14,7 +14,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from deid.keys import KEY_FILE, KeyStoreError, SiteKeys, default_keys_dir
+from deid.keys import KEY_FILE, SiteKeys, default_keys_dir
+from lsdm.errors import InputError
 from node.errors import ScanFailed, UserError
 from policies import DEFAULT_SITE_POLICY, PolicyError, load_policy, load_site_policy, policy_to_yaml
 
@@ -66,7 +67,7 @@ def user_errors(fn: Callable) -> Callable:
             for problem in e.problems:
                 err.print(f"error: {e.source}: {problem}", markup=False, highlight=False)
             raise typer.Exit(2) from None
-        except (UserError, KeyStoreError) as e:
+        except InputError as e:  # the one base of user errors (UserError, KeyStoreError, ...)
             raise _fail(str(e)) from None
         except FileExistsError as e:
             raise _fail(str(e)) from None
@@ -440,8 +441,14 @@ def generate(
         Path | None,
         typer.Option(help="real subjects NOT used in training, as the memorisation reference"),
     ] = None,
-    steps: Annotated[int, typer.Option(min=1, max=1000, help="sampling steps")] = 25,
-    guidance: Annotated[float, typer.Option(min=0.0, help="classifier-free guidance")] = 1.5,
+    steps: Annotated[
+        int | None,
+        typer.Option(min=1, max=1000, help="sampling steps [default: the bundle's model config]"),
+    ] = None,
+    guidance: Annotated[
+        float | None,
+        typer.Option(min=0.0, help="classifier-free guidance [default: the bundle's model config]"),
+    ] = None,
     seed: Annotated[int, typer.Option(help="seed: same seed and map give the same volume")] = 0,
     batch_size: Annotated[int | None, typer.Option(min=1, help="maps per batch")] = None,
     augment_maps: Annotated[

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from deid.scan import Finding
+from lsdm.errors import InputError
 
 
-class UserError(Exception):
-    """A bad path, a bad option or bad input; the message names what and where."""
+class UserError(InputError):
+    """A bad path, a bad option or bad input at a site; the message names what and where."""
 
 
 class ScanFailed(Exception):

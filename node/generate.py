@@ -9,28 +9,17 @@ decides ``releasable``; a dataset that fails it is still written, marked not rel
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
-from lsdm.errors import InputError
 from node.errors import UserError
 from policies.site import ReleaseGate, SitePolicy
-
-
-@contextlib.contextmanager
-def as_user_errors() -> Iterator[None]:
-    """lsdm's input errors, as the node CLI's user errors (one line, exit status 2)."""
-    try:
-        yield
-    except InputError as err:
-        raise UserError(str(err)) from None
 
 
 # -- map augmentation ------------------------------------------------------------------------------
@@ -135,8 +124,8 @@ class GenerateSpec:
     from_cohort: Path | None = None
     real: Path | None = None  # the site's real cohort for the report (default: from_cohort)
     holdout: Path | None = None
-    steps: int = 25
-    guidance: float = 1.5
+    steps: int | None = None  # None: the bundle's model config's sampling_steps
+    guidance: float | None = None  # None: the bundle's model config's guidance_scale
     seed: int = 0
     batch_size: int | None = None
     augment_maps: bool = False
@@ -154,8 +143,7 @@ class GenerateResult:
 def verify(bundle: Path, coordinator_key: Path):
     from lsdm.bundle import load_public_key, verify_bundle
 
-    with as_user_errors():
-        return verify_bundle(bundle, load_public_key(coordinator_key))
+    return verify_bundle(bundle, load_public_key(coordinator_key))
 
 
 def generate(
@@ -172,75 +160,78 @@ def generate(
 
     if (spec.maps is None) == (spec.from_cohort is None):
         raise UserError("give exactly one of --maps DIR or --from-cohort COHORT")
-    with as_user_errors():
-        key = load_public_key(spec.coordinator_key)
-        bundle = load_bundle(spec.bundle, key)
-        generator, manifest = bundle.generator, bundle.manifest
-        maps_dir = spec.maps if spec.maps is not None else spec.from_cohort / "maps"
-        if spec.from_cohort is not None:
-            open_cohort(spec.from_cohort)
-        paths = generator.check_folder(maps_dir)
-        real_path = spec.real or spec.from_cohort
-        real = holdout = None
-        if spec.report:
-            if real_path is None:
-                raise UserError("the release report needs the site's real cohort: --real COHORT")
-            real = open_cohort(real_path)
-            holdout = open_cohort(spec.holdout) if spec.holdout else None
-            if sorted(real.labels) != sorted(manifest.labels):
-                raise UserError(
-                    f"the cohort's labels {sorted(real.labels)} differ from the bundle's "
-                    f"{sorted(manifest.labels)}: {real_path}"
-                )
-        spec.out.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".augmented-maps.", dir=spec.out))
-        try:
-            changed = None
-            if spec.augment_maps:
-                paths, changed = write_augmented_maps(paths, staging, spec.seed)
-            made = generator.generate_folder(
-                paths,
-                spec.out,
-                seed=spec.seed,
-                steps=spec.steps,
-                guidance_scale=spec.guidance,
-                batch_size=spec.batch_size,
-                on_done=on_done,
+    key = load_public_key(spec.coordinator_key)
+    bundle = load_bundle(spec.bundle, key)
+    generator, manifest = bundle.generator, bundle.manifest
+    sampling = manifest.config.diffusion  # what an option left out (None) means
+    spec = replace(
+        spec,
+        steps=spec.steps or sampling.sampling_steps,
+        guidance=sampling.guidance_scale if spec.guidance is None else spec.guidance,
+    )
+    maps_dir = spec.maps if spec.maps is not None else spec.from_cohort / "maps"
+    if spec.from_cohort is not None:
+        open_cohort(spec.from_cohort)
+    paths = generator.check_folder(maps_dir)
+    real_path = spec.real or spec.from_cohort
+    real = holdout = None
+    if spec.report:
+        if real_path is None:
+            raise UserError("the release report needs the site's real cohort: --real COHORT")
+        real = open_cohort(real_path)
+        holdout = open_cohort(spec.holdout) if spec.holdout else None
+        if sorted(real.labels) != sorted(manifest.labels):
+            raise UserError(
+                f"the cohort's labels {sorted(real.labels)} differ from the bundle's "
+                f"{sorted(manifest.labels)}: {real_path}"
             )
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        if not spec.report:
-            return GenerateResult(len(made), len(paths), None)
-        generation = {
-            "maps": maps_dir.name if spec.maps is not None else "the cohort's own maps",
-            "maps_augmented": spec.augment_maps,
-            "steps": spec.steps,
-            "guidance": spec.guidance,
-            "seed": spec.seed,
-            "bundle": spec.bundle.name,
-            "sampler": manifest.config.diffusion.objective,
-        }
-        if changed is not None:
-            generation["augmented_voxel_share_changed_mean"] = float(
-                np.mean(list(changed.values()))
-            )
-        provenance = manifest.provenance.model_dump(mode="json") | {
-            "source": manifest.source,
-            "signer": manifest.signer,
-            "bundle_verified": True,
-        }
-        report = build_report(
+    spec.out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".augmented-maps.", dir=spec.out))
+    try:
+        changed = None
+        if spec.augment_maps:
+            paths, changed = write_augmented_maps(paths, staging, spec.seed)
+        made = generator.generate_folder(
+            paths,
             spec.out,
-            real,
-            manifest.config,
-            provenance,
-            generation,
-            holdout=holdout,
-            segmentation_steps=spec.segmentation_steps,
             seed=spec.seed,
-            on_stage=on_stage,
-            device=generator.device,
+            steps=spec.steps,
+            guidance_scale=spec.guidance,
+            batch_size=spec.batch_size,
+            on_done=on_done,
         )
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if not spec.report:
+        return GenerateResult(len(made), len(paths), None)
+    generation = {
+        "maps": maps_dir.name if spec.maps is not None else "the cohort's own maps",
+        "maps_augmented": spec.augment_maps,
+        "steps": spec.steps,
+        "guidance": spec.guidance,
+        "seed": spec.seed,
+        "bundle": spec.bundle.name,
+        "sampler": manifest.config.diffusion.objective,
+    }
+    if changed is not None:
+        generation["augmented_voxel_share_changed_mean"] = float(np.mean(list(changed.values())))
+    provenance = manifest.provenance.model_dump(mode="json") | {
+        "source": manifest.source,
+        "signer": manifest.signer,
+        "bundle_verified": True,
+    }
+    report = build_report(
+        spec.out,
+        real,
+        manifest.config,
+        provenance,
+        generation,
+        holdout=holdout,
+        segmentation_steps=spec.segmentation_steps,
+        seed=spec.seed,
+        on_stage=on_stage,
+        device=generator.device,
+    )
     report["release"] = {"policy": policy.name} | apply_gate(
         report, policy.release, manifest.worst_epsilon, scan_dataset(spec.out, policy)
     )

@@ -43,9 +43,8 @@ PINNED_KEY = "coordinator.pub.pem"
 
 
 def check_join(spec: JoinSpec) -> None:
-    """Everything a site can check before it connects; raises :class:`UserError`."""
+    """Everything a site can check before it connects; raises a user error (:class:`InputError`)."""
     from lsdm.data import open_cohort
-    from lsdm.errors import InputError
     from policies import load_site_policy
 
     if ":" not in spec.server:
@@ -61,10 +60,7 @@ def check_join(spec: JoinSpec) -> None:
         raise UserError(
             f"not a PEM certificate: {spec.ca} (--ca wants the coordinator's ca.pem)"
         ) from None
-    try:
-        open_cohort(spec.cohort)
-    except InputError as e:
-        raise UserError(str(e)) from None
+    open_cohort(spec.cohort)
     if spec.coordinator_key is not None:
         pin_coordinator_key(spec, dry_run=True)
     policy = load_site_policy(spec.policy)

@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
+from lsdm.errors import InputError
 from policies.federation import FederationPolicy
 from policies.presets import FEDERATION_PRESETS, SITE_PRESETS
 from policies.site import SitePolicy
@@ -16,7 +17,7 @@ from policies.site import SitePolicy
 Policy = SitePolicy | FederationPolicy
 
 
-class PolicyError(Exception):
+class PolicyError(InputError):
     """A policy that cannot be used; ``problems`` holds one line per problem."""
 
     def __init__(self, source: str, problems: list[str]):

@@ -24,16 +24,16 @@ DirArg = Annotated[Path, typer.Argument(help="the coordinator folder")]
 
 
 def user_errors(fn: Callable) -> Callable:
-    """A user's mistake is one line on stderr and exit status 2, never a traceback."""
+    """A user's mistake (:class:`InputError`, the one base of user errors, or a clash with
+    existing files) is one line on stderr and exit status 2, never a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from lsdm.errors import InputError
-        from policies import PolicyError
 
         try:
             return fn(*args, **kwargs)
-        except (InputError, PolicyError, FileExistsError, ValueError) as e:
+        except (InputError, FileExistsError) as e:
             err.print(f"error: {e}", markup=False, highlight=False)
             raise typer.Exit(2) from None
         except OSError as e:
@@ -61,28 +61,14 @@ def init(
 ) -> None:
     """Make a coordinator folder: CA and server certificate, signing key, federation policy,
     settings, and the code-free Flower app."""
-    import yaml
-
-    from lsdm.atomic import atomic_write_text, staged_directory
-    from policies import FederationPolicy, load_policy, policy_to_yaml
-    from server.pki import make_signing_key, make_tls
-    from server.settings import APP_PYPROJECT, CoordinatorSettings
+    from lsdm.errors import InputError
+    from policies import FederationPolicy, load_policy
+    from server.settings import CoordinatorSettings, init_coordinator
 
     federation = load_policy(policy)
     if not isinstance(federation, FederationPolicy):
-        raise ValueError(f"{policy} is a site policy; a federation policy is needed here")
-    settings = CoordinatorSettings(hosts=host)
-    with staged_directory(folder) as stage:
-        make_tls(stage / "tls", federation.name, settings.hosts)
-        make_signing_key(stage / "signing.key")
-        atomic_write_text(stage / "federation.yaml", policy_to_yaml(federation))
-        atomic_write_text(
-            stage / "coordinator.yaml",
-            yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False),
-        )
-        atomic_write_text(stage / "app" / "pyproject.toml", APP_PYPROJECT)
-        (stage / "sites").mkdir()
-        (stage / "state").mkdir()
+        raise InputError(f"{policy} is a site policy; a federation policy is needed here")
+    init_coordinator(folder, federation, CoordinatorSettings(hosts=host))
     out.print(f"coordinator folder: {folder}")
     out.print(
         f"give sites: {folder / 'tls' / 'ca.pem'}; register their keys with lsdm-server register"
@@ -97,25 +83,9 @@ def register(
     name: Annotated[str, typer.Option("--name", help="the site's name (letters, digits, -_)")],
 ) -> None:
     """Allow a site in: record its public key under a name."""
-    import re
+    from server.settings import register_site
 
-    from lsdm.atomic import atomic_path
-    from server.pki import read_site_public_key
-    from server.settings import Coordinator
-
-    coordinator = Coordinator(folder)
-    coordinator.check()
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", name):
-        raise ValueError(f"site name {name!r}: use 1-64 letters, digits, - or _")
-    data = read_site_public_key(key)
-    target = coordinator.sites / f"{name}.pub"
-    if target.exists():
-        raise FileExistsError(f"a site named {name} is registered already: {target}")
-    for other, path in coordinator.registered_sites().items():
-        if path.read_bytes().strip() == data.strip():
-            raise ValueError(f"this key is registered already, as {other}")
-    with atomic_path(target) as tmp:
-        tmp.write_bytes(data)
+    register_site(folder, key, name)
     out.print(f"registered {name} (takes effect at the next lsdm-server serve)")
 
 

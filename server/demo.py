@@ -29,8 +29,11 @@ from lsdm.atomic import atomic_write_text
 from lsdm.data import open_cohort
 from lsdm.demo import MapAgreement, map_agreement
 from lsdm.errors import InputError
+from lsdm.loopback import free_port
 from lsdm.phantom import write_cohort
-from server.serve import descendants, free_port
+from policies import FederationPolicy
+from server.serve import descendants, serve
+from server.settings import CoordinatorSettings, init_coordinator, register_site
 
 HELDOUT_SEED = 1000  # site i's cohort is phantom seed i; the held-out subjects are apart from all
 SITE_POLICY = {
@@ -55,63 +58,53 @@ def run_federated_demo(
     heldout: int = 3,
 ) -> MapAgreement | None:
     """Run the whole federation locally; returns how well the synthetic volumes follow their
-    maps (None when ``generate`` is off: the federation benchmark only needs the run log)."""
-    from typer.testing import CliRunner
+    maps (None when ``generate`` is off: the federation benchmark only needs the run log).
 
+    The coordinator's side runs here, through the library (``server.settings``,
+    ``server.serve``); each site's side runs as a site runs it, as ``lsdm-node`` processes."""
     from lsdm.bundle import BUNDLE_NAME, load_generator, load_public_key
     from lsdm.vqgan import load_vqgan
-    from node.cli import app as node_app
-    from server.cli import app as server_app
 
     out = Path(out).resolve()
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"output folder is not empty: {out}")
-    runner = CliRunner()
+    bin_dir = Path(sys.executable).parent
 
-    def cli(app, args: list[str]) -> None:
-        result = runner.invoke(app, args)
-        if result.exit_code != 0:
-            raise InputError(f"{' '.join(args[:1])} failed: {result.output.strip()}")
+    def site_command(args: list[str]) -> None:
+        result = subprocess.run(
+            [str(bin_dir / "lsdm-node"), *args], capture_output=True, text=True, check=False
+        )
+        if result.returncode != 0:
+            output = (result.stdout + result.stderr).strip()
+            raise InputError(f"lsdm-node {args[0]} failed: {output}")
 
     out.mkdir(parents=True, exist_ok=True)
-    policy = out / "federation-policy.yaml"
-    atomic_write_text(
-        policy,
-        yaml.safe_dump(
-            {
-                "kind": "federation",
-                "name": "demo",
-                "description": "Local demo on phantom sites",
-                "model_preset": model_preset,
-                "rounds": {"vqgan": rounds[0], "diffusion": rounds[1]},
-                "min_sites": sites,
-                "dp_required": False,
-            }
-        ),
+    federation = FederationPolicy(
+        name="demo",
+        description="Local demo on phantom sites",
+        model_preset=model_preset,
+        rounds={"vqgan": rounds[0], "diffusion": rounds[1]},
+        min_sites=sites,
+        dp_required=False,
     )
-    coordinator = out / "coordinator"
-    cli(server_app, ["init", str(coordinator), "--policy", str(policy)])
-    settings_file = coordinator / "coordinator.yaml"
-    settings = yaml.safe_load(settings_file.read_text())
-    settings.update(
-        shape=list(shape),
+    settings = CoordinatorSettings(
+        hosts=["localhost"],
+        shape=shape,
         local_steps={"vqgan": local_steps[0], "diffusion": local_steps[1]},
         wait_for_sites_s=300,
     )
-    atomic_write_text(settings_file, yaml.safe_dump(settings))
+    coordinator = init_coordinator(out / "coordinator", federation, settings).root
     site_policy_file = out / "sites" / "site-policy.yaml"
     atomic_write_text(site_policy_file, yaml.safe_dump(site_policy))
     names = [f"site-{chr(ord('a') + i)}" for i in range(sites)]
     for index, name in enumerate(names):
         site = out / "sites" / name
         write_cohort(site / "cohort", subjects, shape, seed=index)
-        cli(node_app, ["keygen", str(site / "keys")])
-        cli(server_app, ["register", str(coordinator), str(site / "keys" / "site_key.pub"),
-                         "--name", name])  # fmt: skip
+        site_command(["keygen", str(site / "keys")])
+        register_site(coordinator, site / "keys" / "site_key.pub", name)
     write_cohort(out / "heldout", heldout, shape, seed=HELDOUT_SEED)
 
     address = f"127.0.0.1:{free_port()}"
-    bin_dir = Path(sys.executable).parent
     children: list[subprocess.Popen] = []
     try:
         for name in names:
@@ -141,8 +134,6 @@ def run_federated_demo(
                         stderr=subprocess.STDOUT,
                     )  # fmt: skip
                 )
-        from server.serve import serve
-
         serve(coordinator, address, resume=False, on_event=on_event)
     finally:
         for child in children:

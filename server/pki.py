@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from lsdm.atomic import atomic_path
+from lsdm.errors import InputError
 
 CERT_DAYS = 825  # the longest lifetime clients commonly accept for a server certificate
 
@@ -49,8 +50,13 @@ def _subject_names(hosts: list[str]) -> list[x509.GeneralName]:
     for host in dict.fromkeys([*hosts, "localhost", "127.0.0.1"]):
         try:
             names.append(x509.IPAddress(ipaddress.ip_address(host)))
+            continue
         except ValueError:
+            pass
+        try:
             names.append(x509.DNSName(host))
+        except ValueError:  # cryptography takes ASCII (A-label) names only
+            raise InputError(f"host {host!r}: not an IP address or an ASCII host name") from None
     return names
 
 
@@ -105,12 +111,12 @@ def make_signing_key(path: Path) -> None:
 
 
 def read_site_public_key(path: Path) -> bytes:
-    """The OpenSSH public key in ``path``, checked to be an EC key; raises ``ValueError``."""
+    """The OpenSSH public key in ``path``, checked to be an EC key; raises :class:`InputError`."""
     data = Path(path).read_bytes().strip()
     try:
         key = serialization.load_ssh_public_key(data)
     except (ValueError, UnsupportedAlgorithm):
-        raise ValueError(f"{path}: not an OpenSSH public key (see lsdm-node keygen)") from None
+        raise InputError(f"{path}: not an OpenSSH public key (see lsdm-node keygen)") from None
     if not isinstance(key, ec.EllipticCurvePublicKey):
-        raise ValueError(f"{path}: a site key must be an EC key in OpenSSH format")
+        raise InputError(f"{path}: a site key must be an EC key in OpenSSH format")
     return data + b"\n"

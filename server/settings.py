@@ -14,14 +14,16 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from lsdm.atomic import atomic_path, atomic_write_text, staged_directory
 from lsdm.errors import InputError
 from lsdm.phases import per_phase_setting
-from policies import FederationPolicy, PolicyError, load_policy
+from policies import FederationPolicy, load_policy, policy_to_yaml
 
 # VQ-GAN (phase 1) and diffusion (phase 2) training steps a site runs per round: 20 each.
 LocalSteps = per_phase_setting(
@@ -114,10 +116,7 @@ class Coordinator:
 
     def policy(self) -> FederationPolicy:
         self.check()
-        try:
-            policy = load_policy(self.policy_file)
-        except PolicyError as e:
-            raise InputError(str(e)) from None
+        policy = load_policy(self.policy_file)  # a PolicyError is an InputError
         if not isinstance(policy, FederationPolicy):
             raise InputError(f"{self.policy_file}: not a federation policy")
         return policy
@@ -129,3 +128,46 @@ class Coordinator:
         if not self.round_log.is_file():
             return []
         return [json.loads(line) for line in self.round_log.read_text().splitlines() if line]
+
+
+def init_coordinator(
+    folder: Path, federation: FederationPolicy, settings: CoordinatorSettings
+) -> Coordinator:
+    """Make a coordinator folder (``lsdm-server init``): CA and server certificate for
+    ``settings.hosts``, signing key, the federation policy, the settings, the code-free Flower app.
+    ``folder`` must not exist or be empty; it appears complete or not at all."""
+    from server.pki import make_signing_key, make_tls
+
+    with staged_directory(folder) as stage:
+        make_tls(stage / "tls", federation.name, settings.hosts)
+        make_signing_key(stage / "signing.key")
+        atomic_write_text(stage / "federation.yaml", policy_to_yaml(federation))
+        atomic_write_text(
+            stage / "coordinator.yaml",
+            yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False),
+        )
+        atomic_write_text(stage / "app" / "pyproject.toml", APP_PYPROJECT)
+        (stage / "sites").mkdir()
+        (stage / "state").mkdir()
+    return Coordinator(folder)
+
+
+def register_site(folder: Path, key: Path, name: str) -> Path:
+    """Allow a site in (``lsdm-server register``): record its OpenSSH EC public key as
+    ``sites/NAME.pub``. Refuses a bad name, a taken name and a key registered under another name."""
+    from server.pki import read_site_public_key
+
+    coordinator = Coordinator(folder)
+    coordinator.check()
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", name):
+        raise InputError(f"site name {name!r}: use 1-64 letters, digits, - or _")
+    data = read_site_public_key(key)
+    target = coordinator.sites / f"{name}.pub"
+    if target.exists():
+        raise FileExistsError(f"a site named {name} is registered already: {target}")
+    for other, path in coordinator.registered_sites().items():
+        if path.read_bytes().strip() == data.strip():
+            raise InputError(f"this key is registered already, as {other}")
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+    return target
