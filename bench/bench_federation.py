@@ -12,8 +12,9 @@ site" also waits for its neighbours: on 2 cores, 3 sites run slower than on 3 ma
 
 ``--reference-size SECONDS`` runs the ``reference`` model instead (222M-parameter UNet, 1.8 GB of
 weights with its EMA copy) with each site's local training replaced by a fixed wait of that many
-seconds (``LSDM_BENCH_FIXED_WAIT_S``, see ``node.client_app.fixed_wait_reply``): the sites send
-the weights back unchanged, so the rounds measure transfers, checks and averaging at full size.
+seconds (``bench/fixed_wait_site.py``, a bench-only ClientApp the sites run in place of the
+installed one): the sites send the weights back unchanged, so the rounds measure transfers,
+checks and averaging at full size.
 
     .venv/bin/python bench/bench_federation.py --sites 2 3 --out bench/results/federation.md
     .venv/bin/python bench/bench_federation.py --sites 2 --rounds 1 --reference-size 5 \
@@ -26,28 +27,61 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
+
+from fixed_wait_site import WAIT_ENV, use_fixed_wait
+
+
+def swap_site_apps(sites_folder: Path, count: int, done: threading.Event) -> None:
+    """Point each site's ``flwr-clientapp`` shim at the fixed-wait app as soon as ``lsdm-node
+    join`` has written it (the first round reaches a site seconds after it connects)."""
+    swapped: set[Path] = set()
+    while len(swapped) < count and not done.is_set():
+        for shim in sites_folder.glob("*/work/bin/flwr-clientapp"):
+            if shim not in swapped and "node.app_guard" in shim.read_text():
+                use_fixed_wait(shim, sys.executable)
+                swapped.add(shim)
+        time.sleep(0.05)
 
 
 def measure(
-    sites: int, rounds: int, steps: tuple[int, int], subjects: int, model_preset: str
+    sites: int,
+    rounds: int,
+    steps: tuple[int, int],
+    subjects: int,
+    model_preset: str,
+    wait_s: float | None = None,
 ) -> list[dict]:
     from lsdm.config import preset
     from server.demo import run_federated_demo
 
     shape = preset(model_preset).data.shape if model_preset == "reference" else (16, 32, 32)
     with tempfile.TemporaryDirectory() as tmp:
-        run_federated_demo(
-            Path(tmp) / "demo",
-            sites=sites,
-            subjects=subjects,
-            shape=shape,
-            rounds=(rounds, rounds),
-            local_steps=steps,
-            model_preset=model_preset,
-            generate=False,
-        )
+        done = threading.Event()
+        if wait_s:
+            swapper = threading.Thread(
+                target=swap_site_apps, args=(Path(tmp) / "demo" / "sites", sites, done)
+            )
+            swapper.start()
+        try:
+            run_federated_demo(
+                Path(tmp) / "demo",
+                sites=sites,
+                subjects=subjects,
+                shape=shape,
+                rounds=(rounds, rounds),
+                local_steps=steps,
+                model_preset=model_preset,
+                generate=False,
+            )
+        finally:
+            done.set()
+            if wait_s:
+                swapper.join()
         log = Path(tmp) / "demo" / "coordinator" / "state" / "rounds.jsonl"
         entries = [json.loads(line) for line in log.read_text().splitlines()]
     rows = []
@@ -56,6 +90,8 @@ def measure(
             continue
         accepted = entry["accepted"]
         slowest = max(m.get("train_seconds", float("nan")) for m in accepted.values())
+        if wait_s and slowest != wait_s:
+            raise RuntimeError(f"round {entry['round']}: a site trained instead of waiting")
         rows.append(
             {
                 "sites": sites,
@@ -105,11 +141,11 @@ def main() -> None:
     model_preset = "tiny"
     if args.reference_size:
         model_preset = "reference"
-        os.environ["LSDM_BENCH_FIXED_WAIT_S"] = str(args.reference_size)  # inherited by sites
+        os.environ[WAIT_ENV] = str(args.reference_size)  # inherited by the sites
     rows = []
     for sites in args.sites:
         steps = (args.vqgan_steps, args.diffusion_steps)
-        rows += measure(sites, args.rounds, steps, args.subjects, model_preset)
+        rows += measure(sites, args.rounds, steps, args.subjects, model_preset, args.reference_size)
     machine = platform.processor() or platform.machine()
     if args.reference_size:
         setting = (

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from lsdm.loopback import free_port
 from node.errors import UserError
+from policies.protocol import NodeConfig
 
 
 @dataclass(frozen=True)
@@ -100,10 +101,6 @@ def pin_coordinator_key(spec: JoinSpec, dry_run: bool = False) -> Path:
     return pinned
 
 
-def _toml_string(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 def supernode_command(spec: JoinSpec) -> tuple[list[str], dict[str, str]]:
     """The ``flower-supernode`` command line and environment for ``spec``."""
     from lsdm.bundle import BUNDLE_NAME
@@ -114,21 +111,14 @@ def supernode_command(spec: JoinSpec) -> tuple[list[str], dict[str, str]]:
     script = shim / "flwr-clientapp"
     script.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m node.app_guard "$@"\n')
     script.chmod(script.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-    node_config = " ".join(
-        [
-            f"cohort={_toml_string(str(Path(spec.cohort).resolve()))}",
-            f"policy={_toml_string(str(spec.policy))}",
-            f"workdir={_toml_string(str(workdir / 'rounds'))}",
-            f"threads={spec.threads}",
-        ]
-        + (
-            [
-                f"coordinator_key={_toml_string(str(workdir / PINNED_KEY))}",
-                f"bundle={_toml_string(str(workdir / BUNDLE_NAME))}",
-            ]
-            if spec.coordinator_key is not None
-            else []
-        )
+    pinned = spec.coordinator_key is not None
+    node_config = NodeConfig(
+        cohort=Path(spec.cohort).resolve(),
+        policy=str(spec.policy),
+        workdir=workdir / "rounds",
+        threads=spec.threads,
+        coordinator_key=workdir / PINNED_KEY if pinned else None,
+        bundle=workdir / BUNDLE_NAME if pinned else None,
     )
     supernode = shutil.which("flower-supernode", path=str(Path(sys.executable).parent))
     command = [
@@ -140,7 +130,7 @@ def supernode_command(spec: JoinSpec) -> tuple[list[str], dict[str, str]]:
         "--auth-supernode-private-key",
         str(Path(spec.key).resolve()),
         "--node-config",
-        node_config,
+        node_config.to_flag(),
         "--port",
         str(spec.runtime_port or free_port()),
     ]

@@ -9,10 +9,11 @@ and never averaged in.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from policies.protocol import DPRecord
 
 State = dict[str, torch.Tensor]
 
@@ -22,7 +23,8 @@ class Update:
     site: str
     state: State
     num_samples: int
-    metrics: dict[str, float]
+    metrics: dict[str, float]  # the reply's other metrics, as the round log records them
+    privacy: DPRecord = field(default_factory=DPRecord)
 
 
 def trainable_keys(model: torch.nn.Module) -> set[str]:
@@ -81,44 +83,22 @@ def weighted_average(updates: list[Update]) -> State:
     return out
 
 
-def privacy_problem(metrics: dict, dp_required: bool, max_epsilon: float | None) -> str | None:
-    """Why a reply breaks the federation's privacy policy, or None: a site without DP where DP
-    is required; a DP site whose reported ε is missing or above ``max_epsilon`` (which applies
-    to DP sites; whether sites without DP may take part is ``dp_required``'s to say)."""
-    private = float(metrics.get("dp", 0)) == 1
-    if dp_required and not private:
+def privacy_problem(record: DPRecord, dp_required: bool, max_epsilon: float | None) -> str | None:
+    """Why a reply's privacy record breaks the federation's policy, or None: a site without DP
+    where DP is required; a DP site whose ε is above ``max_epsilon`` (which applies to DP sites;
+    whether sites without DP may take part is ``dp_required``'s to say). That a DP site reports
+    its ε at all is the protocol's to check (:class:`policies.protocol.DPRecord`)."""
+    if dp_required and not record.dp:
         return "the federation requires differential privacy and the site trained without it"
-    if private:
-        epsilon = float(metrics.get("epsilon", float("nan")))
-        if not (math.isfinite(epsilon) and epsilon >= 0):
-            return "a DP site must report the ε it has spent"
-        if max_epsilon is not None and epsilon > max_epsilon * (1 + 1e-9):
-            return f"ε {epsilon:.4g} exceeds the federation's max_epsilon {max_epsilon:g}"
+    if record.dp and max_epsilon is not None and record.epsilon > max_epsilon * (1 + 1e-9):
+        return f"ε {record.epsilon:.4g} exceeds the federation's max_epsilon {max_epsilon:g}"
     return None
 
 
-def privacy_of(metrics: dict) -> dict:
-    """What the provenance records of a site's reply: DP or not, and its (ε, δ) so far."""
-    if float(metrics.get("dp", 0)) == 1:
-        return {"dp": True, "epsilon": float(metrics["epsilon"]), "delta": float(metrics["delta"])}
-    return {"dp": False, "epsilon": None, "delta": None}
-
-
-def combined_privacy(*phases: dict[str, dict]) -> dict[str, dict]:
-    """Per site over several phases: DP only if every phase was, the largest ε and δ (ledgers
-    are cumulative, so the last phase's figures already include the earlier ones)."""
-    out: dict[str, dict] = {}
+def combined_privacy(*phases: dict[str, DPRecord]) -> dict[str, DPRecord]:
+    """Per site over several phases, earliest first (:meth:`DPRecord.then`)."""
+    out: dict[str, DPRecord] = {}
     for phase in phases:
         for site, record in phase.items():
-            before = out.get(site)
-            if before is None:
-                out[site] = dict(record)
-            elif not (before["dp"] and record["dp"]):
-                out[site] = {"dp": False, "epsilon": None, "delta": None}
-            else:
-                out[site] = {
-                    "dp": True,
-                    "epsilon": max(before["epsilon"], record["epsilon"]),
-                    "delta": max(before["delta"], record["delta"]),
-                }
+            out[site] = out[site].then(record) if site in out else record
     return out

@@ -4,13 +4,17 @@ Sources, in order: ``--checkpoint FILE`` (a federation checkpoint, ``state/feder
 or a copy of one), else the final models ``serve`` exports (``state/vqgan.safetensors`` and
 ``state/ldm.safetensors``), else the last round's ``state/federation.safetensors``. Provenance
 comes from the federation policy, the round log (which sites took part) and the checkpoint's
-``privacy`` metadata (each site's DP (ε, δ), or none; else ε/δ metrics in the round log).
+``privacy`` metadata (each site's :class:`policies.protocol.DPRecord`; else the privacy records
+in the round log).
 """
 
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Literal
+
+from pydantic import ValidationError
 
 from lsdm.bundle import DPBudget, Manifest, Provenance, build_bundle
 from lsdm.checkpoint import (
@@ -25,50 +29,47 @@ from lsdm.diffusion import build_ldm
 from lsdm.errors import InputError
 from lsdm.phases import PerPhase
 from lsdm.vqgan import VQGAN
+from policies.protocol import DPRecord
 from server.aggregate import combined_privacy
 from server.settings import Coordinator
 
 
-def _dp_from(source: dict) -> dict[str, DPBudget | str] | None:
-    """Per-site DP from checkpoint metadata: ``privacy`` as the federation writes it
-    (``{site: {"dp", "epsilon", "delta"}}``, or per phase in a federation checkpoint), or a
-    plain ``dp`` entry ``{site: {"epsilon", "delta"}}``."""
+def budget(record: DPRecord) -> DPBudget | Literal["none"]:
+    """A site's privacy record as the bundle's provenance states it."""
+    return DPBudget(epsilon=record.epsilon, delta=record.delta) if record.dp else "none"
+
+
+def _dp_from(source: dict) -> dict[str, DPRecord] | None:
+    """Per-site privacy from checkpoint metadata: ``privacy`` as the federation writes it
+    (``{site: DPRecord}``, or per phase in a federation checkpoint)."""
     privacy = source.get("privacy")
-    if isinstance(privacy, dict) and set(privacy) <= {"vqgan", "diffusion"} and privacy:
-        privacy = combined_privacy(*privacy.values())
-    if isinstance(privacy, dict) and privacy:
-        try:
-            return {
-                str(site): DPBudget(epsilon=r["epsilon"], delta=r["delta"]) if r["dp"] else "none"
-                for site, r in privacy.items()
-            }
-        except (KeyError, TypeError, ValueError):
-            raise InputError("the checkpoint's privacy record is malformed") from None
-    dp = source.get("dp")
-    if isinstance(dp, dict) and dp:
-        try:
-            return {str(k): DPBudget.model_validate(v) for k, v in dp.items()}
-        except ValueError:
-            return None
-    return None
+    if not isinstance(privacy, dict) or not privacy:
+        return None
+    per_phase = set(privacy) <= {"vqgan", "diffusion"}
+    try:
+        if per_phase:
+            return combined_privacy(
+                *({s: DPRecord.model_validate(r) for s, r in p.items()} for p in privacy.values())
+            )
+        return {str(site): DPRecord.model_validate(r) for site, r in privacy.items()}
+    except (ValidationError, AttributeError):
+        raise InputError("the checkpoint's privacy record is malformed") from None
 
 
-def sites_and_dp(coordinator: Coordinator) -> tuple[list[str], dict[str, DPBudget | str]]:
-    """Sites whose updates were aggregated, and the last (ε, δ) each reported, if any."""
+def sites_and_dp(coordinator: Coordinator) -> tuple[list[str], dict[str, DPRecord]]:
+    """Sites whose updates were aggregated, and the last privacy record each reported."""
     sites: list[str] = []
-    dp: dict[str, DPBudget | str] = {}
+    dp: dict[str, DPRecord] = {}
     for entry in coordinator.rounds():
         if entry.get("event") != "round" or entry.get("outcome") != "aggregated":
             continue
         for site, metrics in entry.get("accepted", {}).items():
             if site not in sites:
                 sites.append(site)
-            if float(metrics.get("dp", 0)) == 1 and "epsilon" in metrics and "delta" in metrics:
-                dp[site] = DPBudget(
-                    epsilon=float(metrics["epsilon"]), delta=float(metrics["delta"])
-                )
-            elif "dp" in metrics:
-                dp[site] = "none"
+            try:
+                dp[site] = DPRecord.from_metrics(metrics)
+            except ValidationError:
+                raise InputError(f"the round log's privacy record of {site} is malformed") from None
     return sorted(sites), dp
 
 
@@ -129,7 +130,7 @@ def publish(folder: Path, out: Path, checkpoint: Path | None = None) -> Manifest
                 f"the diffusion model is not trained yet (round {completed} of "
                 f"{total_vqgan + policy.rounds.diffusion}): nothing to publish"
             )
-        dp = _dp_from(meta) or dp
+        dp = {site: budget(record) for site, record in (_dp_from(meta) or dp).items()}
         if dp and all(b == "none" for b in dp.values()):
             dp = {}
         provenance = Provenance(

@@ -125,7 +125,14 @@ def test_site_round_trains_and_sends_only_weights_and_aggregates(site):
     assert set(metrics) == {"num_samples", "recon_l1", "quantisation", "train_seconds"}
     calibration = run_round(_content(labels, phase="calibrate"), node_config)
     assert not calibration.array_records
-    assert len(calibration.metric_records["metrics"]) == 1 + 2 * preset("tiny").vqgan.embedding_dim
+    calibration_metrics = dict(calibration.metric_records["metrics"])
+    assert set(calibration_metrics) == {"num_samples", "latent_low", "latent_high"}
+    channels = preset("tiny").vqgan.embedding_dim
+    assert (
+        len(calibration_metrics["latent_low"])
+        == len(calibration_metrics["latent_high"])
+        == channels
+    )
 
 
 @pytest.mark.parametrize(
