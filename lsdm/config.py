@@ -63,6 +63,14 @@ class VQGANConfig(_Strict):
     )
     lr: float = 1e-3
     disc_lr: float = 1e-3
+    recon_label_balance: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="weight each voxel's reconstruction error by its label's share of its "
+        "volume to this power, negated (0: plain L1; 0.5: rare labels such as vessels and "
+        "lesions count by the inverse square root of their share)",
+    )
     latent_scaling: Literal["range", "std"] = Field(
         "range",
         description="range: the training latents' per-channel min and max map to -1 and 1; "

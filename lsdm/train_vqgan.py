@@ -71,7 +71,9 @@ def train_vqgan(
         start,
         steps,
         make_loader(dataset, config.data, seed, start, steps),
-        lambda step, batch: train_step(model, batch["image"].to(device), optimisers, step),
+        lambda step, batch: train_step(
+            model, batch["image"].to(device), optimisers, step, batch["map"].to(device)
+        ),
         save,
         config.data.batch_size,
         on_step,

@@ -157,21 +157,45 @@ def _adversarial_loss(config: VQGANConfig) -> PatchAdversarialLoss:
     return PatchAdversarialLoss(criterion=config.adversarial_loss)
 
 
+def label_balance_weights(maps: torch.Tensor, balance: float) -> torch.Tensor:
+    """Voxel weights ``(B, 1, D, H, W)`` from one-hot ``maps`` ``(B, L, D, H, W)``: a voxel of
+    label ``l`` weighs ``share_l ** -balance``, ``share_l`` being the label's share of that
+    volume's voxels, normalised to a mean of 1 per volume. Each volume's weights read only its
+    own map, so a per-sample loss stays per-sample (DP-SGD clips it as one subject's)."""
+    share = maps.mean(dim=(2, 3, 4), keepdim=True)
+    per_label = share.clamp_min(1e-6).pow(-balance) * (share > 0)
+    weights = (maps * per_label).sum(dim=1, keepdim=True)
+    return weights / weights.mean(dim=(2, 3, 4), keepdim=True)
+
+
+def reconstruction_loss(
+    model: VQGAN, reconstruction: torch.Tensor, images: torch.Tensor, maps: torch.Tensor | None
+) -> torch.Tensor:
+    """L1, label-balanced by ``config.recon_label_balance`` when the maps are at hand."""
+    error = (reconstruction - images).abs()
+    if maps is None or model.config.recon_label_balance == 0:
+        return error.mean()
+    return (error * label_balance_weights(maps, model.config.recon_label_balance)).mean()
+
+
 def autoencoder_step(
     model: VQGAN,
     images: torch.Tensor,
     optimiser: torch.optim.Optimizer,
     real_features: list[torch.Tensor] | None = None,
+    maps: torch.Tensor | None = None,
 ) -> tuple[dict[str, float], torch.Tensor]:
     """One update of the autoencoder; returns its losses and the (detached) reconstruction.
 
     With ``real_features`` (the discriminator's intermediate features of ``images``, detached)
     the adversarial and feature-matching terms are added; without, the step is L1 + codebook only.
+    With ``maps`` (one-hot, ``(B, L, D, H, W)``) the L1 term is label-balanced (see
+    :func:`reconstruction_loss`).
     """
     config = model.config
     model.autoencoder.train()
     reconstruction, quantisation_loss = model.autoencoder(images)
-    recon_l1 = F.l1_loss(reconstruction, images)
+    recon_l1 = reconstruction_loss(model, reconstruction, images, maps)
     loss = recon_l1 + quantisation_loss
     losses = {"recon_l1": recon_l1.item(), "quantisation": quantisation_loss.item()}
     if real_features is not None:
@@ -217,7 +241,11 @@ def discriminator_step(
 
 
 def train_step(
-    model: VQGAN, images: torch.Tensor, optimisers: VQGANOptimisers, step: int
+    model: VQGAN,
+    images: torch.Tensor,
+    optimisers: VQGANOptimisers,
+    step: int,
+    maps: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """One VQ-GAN training step on a batch ``(B, 1, D, H, W)`` in [-1, 1]: the autoencoder, then,
     from ``adversarial_start_step`` on, the discriminator. Returns the losses as floats.
@@ -228,11 +256,11 @@ def train_step(
     site's round and the benchmark.
     """
     if step < model.config.adversarial_start_step:
-        return autoencoder_step(model, images, optimisers.autoencoder)[0]
+        return autoencoder_step(model, images, optimisers.autoencoder, maps=maps)[0]
     model.discriminator.train()
     *real_features, real_logits = model.discriminator(images)
     losses, reconstruction = autoencoder_step(
-        model, images, optimisers.autoencoder, [f.detach() for f in real_features]
+        model, images, optimisers.autoencoder, [f.detach() for f in real_features], maps
     )
     return losses | discriminator_step(model, real_logits, reconstruction, optimisers.discriminator)
 

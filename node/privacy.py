@@ -349,11 +349,16 @@ def _read_only(private: PrivateNet) -> Iterator[None]:
 
 
 def private_vqgan_step(
-    model: vq.VQGAN, images: torch.Tensor, private: PrivateVQGAN, step: int
+    model: vq.VQGAN,
+    images: torch.Tensor,
+    private: PrivateVQGAN,
+    step: int,
+    maps: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """:func:`lsdm.vqgan.train_step` under DP-SGD: the same losses and order, with the
     discriminator read-only during the generator's pass. An empty batch is a noise-only step of
-    each network the step trains."""
+    each network the step trains. ``maps`` label-balance the reconstruction loss; each subject's
+    weights read only its own map, so the loss stays a sum of per-subject terms."""
     adversarial = step >= model.config.adversarial_start_step
     if images.shape[0] == 0:
         private.autoencoder.noise_step()
@@ -362,12 +367,12 @@ def private_vqgan_step(
         return {}
     optimisers = private.optimisers()
     if not adversarial:
-        return vq.autoencoder_step(model, images, optimisers.autoencoder)[0]
+        return vq.autoencoder_step(model, images, optimisers.autoencoder, maps=maps)[0]
     model.discriminator.train()
     *real_features, real_logits = model.discriminator(images)
     with _read_only(private.discriminator):
         losses, reconstruction = vq.autoencoder_step(
-            model, images, optimisers.autoencoder, [f.detach() for f in real_features]
+            model, images, optimisers.autoencoder, [f.detach() for f in real_features], maps
         )
     return losses | vq.discriminator_step(
         model, real_logits, reconstruction, optimisers.discriminator

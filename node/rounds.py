@@ -123,7 +123,8 @@ def vqgan_round(site: Site, config: RoundConfig, weights: State) -> tuple[State,
 
         def step(indices: list[int], private, i: int) -> None:
             images = torch.stack([dataset[j]["image"] for j in indices]) if indices else empty
-            private_vqgan_step(model, images, private, start + i)
+            maps = torch.stack([dataset[j]["map"] for j in indices]) if indices else None
+            private_vqgan_step(model, images, private, start + i, maps)
 
         make_private = partial(make_private_vqgan, model)
         _private_steps(
@@ -134,7 +135,7 @@ def vqgan_round(site: Site, config: RoundConfig, weights: State) -> tuple[State,
         optimisers = vq.make_optimisers(model)
         loader = make_loader(dataset, settings.data, config.seed, start, start + steps)
         history = [
-            vq.train_step(model, batch["image"], optimisers, start + i)
+            vq.train_step(model, batch["image"], optimisers, start + i, batch["map"])
             for i, batch in enumerate(loader)
         ]
     return model.state_dict(), _reply(len(dataset), history, started, dp)

@@ -85,3 +85,21 @@ def test_std_latent_scaling_gives_unit_variance_latents():
     assert torch.allclose(latents.std(dim=1), torch.ones(4), atol=1e-3)
     low, high = model.codebook_latent_range()
     assert (high > low).all()
+
+
+def test_label_balance_weighs_rare_labels_by_their_share_and_each_volume_alone():
+    from lsdm.vqgan import label_balance_weights
+
+    labels = torch.zeros(2, 4, 8, 8, dtype=torch.long)
+    labels[0, 0, 0, :4] = 2  # volume 0: 4 voxels of a rare label, 252 of background
+    labels[1, :2] = 1  # volume 1: half label 1, half background
+    maps = one_hot(labels)
+    weights = label_balance_weights(maps, 0.5)
+    assert torch.allclose(weights.mean(dim=(2, 3, 4)), torch.ones(2, 1))
+    rare, common = weights[0, 0, 0, 0, 0], weights[0, 0, 3, 7, 7]
+    assert torch.isclose(rare / common, torch.tensor((252 / 4) ** 0.5))
+    assert torch.allclose(weights[1], torch.ones_like(weights[1]))  # equal shares: equal weights
+    assert torch.allclose(label_balance_weights(maps, 0.0), torch.ones_like(weights))
+    # a volume's weights read only its own map
+    alone = label_balance_weights(maps[:1], 0.5)
+    assert torch.allclose(alone, weights[:1])

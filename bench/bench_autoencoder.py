@@ -1,0 +1,136 @@
+"""The autoencoder's ceiling: what the VQ-GAN's reconstructions keep of each label, per variant.
+
+No generator that decodes through the VQ-GAN can show more than its reconstructions do, and the
+first H200 sweep (bench/results/fidelity_gpu_sweep.md) found the tiny VQ-GAN losing vessels and
+lesions. This benchmark trains VQ-GAN variants on the fidelity protocol's cohorts (40 training
+subjects, seed 0; 12 test subjects, seed 1; 32x64x64) for the same steps, in one process, and
+scores the reconstructions of the test subjects:
+
+- PSNR, codebook use (share of codes, perplexity);
+- map agreement (nearest-class-mean voxel classifier fitted on real training images) against the
+  own map and another subject's, and its recall per label (how many of a label's voxels read as
+  that label): the real test images' figures are printed first, as the ceiling.
+
+    .venv/bin/python bench/bench_autoencoder.py --out bench/results/autoencoder_cpu.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from bench_fidelity import codebook_use, load_split
+
+from lsdm.config import preset
+from lsdm.data import open_cohort
+from lsdm.metrics import NearestClassMean, paired_psnr_ssim
+from lsdm.phantom import PHANTOM_LABELS, write_cohort
+from lsdm.train_vqgan import train_vqgan
+from lsdm.vqgan import reconstruct
+
+VARIANTS: dict[str, dict] = {
+    "tiny": {},
+    "label_balance_0.5": {"recon_label_balance": 0.5},
+    "embedding_dim_8": {"embedding_dim": 8},
+    "label_balance_0.5_dim_8": {"recon_label_balance": 0.5, "embedding_dim": 8},
+}
+
+
+def per_label_recall(checker: NearestClassMean, images: torch.Tensor, labels: torch.Tensor):
+    """Mean over subjects of each label's recall, and the balanced accuracy against the own map
+    and the next subject's."""
+    recalls: dict[int, list[float]] = {label: [] for label in PHANTOM_LABELS}
+    own, other = [], []
+    for i, image in enumerate(images[:, 0].numpy()):
+        predicted = checker.predict(image)
+        truth = labels[i].numpy()
+        for label in np.unique(truth):
+            recalls[int(label)].append(float((predicted[truth == label] == label).mean()))
+        own.append(checker.balanced_accuracy(image, truth))
+        other.append(checker.balanced_accuracy(image, labels[(i + 1) % len(labels)].numpy()))
+    return {
+        "recall": {PHANTOM_LABELS[k]: float(np.mean(v)) for k, v in recalls.items() if v},
+        "map_own": float(np.mean(own)),
+        "map_other": float(np.mean(other)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--work", type=Path, default=Path("output/bench_autoencoder"))
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--train-subjects", type=int, default=40)
+    parser.add_argument("--test-subjects", type=int, default=12)
+    parser.add_argument("--shape", type=int, nargs=3, default=(32, 64, 64))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    args = parser.parse_args()
+    base = preset("tiny").with_overrides(
+        data={"shape": tuple(args.shape)},
+        train={"vqgan_steps": args.steps, "checkpoint_every": 10**6, "log_every": 100},
+    )
+    for name, subjects, seed in (
+        ("train", args.train_subjects, 0),
+        ("test", args.test_subjects, 1),
+    ):
+        if not (args.work / name / "cohort.json").exists():
+            write_cohort(args.work / name, subjects, base.data.shape, seed)
+    train, test = load_split(args.work / "train", base), load_split(args.work / "test", base)
+    checker = NearestClassMean().fit(list(train.images[:, 0].numpy()), list(train.labels.numpy()))
+    rows = {"real test images": per_label_recall(checker, test.images, test.labels)}
+    for name in args.variants:
+        config = base.with_overrides(vqgan=VARIANTS[name])
+        out = args.work / f"vqgan_{name}"
+        started = time.perf_counter()
+        model = train_vqgan(
+            open_cohort(args.work / "train"), config, out, resume=out.exists()
+        ).model
+        seconds = time.perf_counter() - started
+        recon = torch.cat([reconstruct(model, chunk) for chunk in test.images.split(4)])
+        psnr = np.mean(
+            [
+                paired_psnr_ssim(r[0].numpy(), s[0].numpy())["psnr_db"]
+                for r, s in zip(test.images, recon, strict=True)
+            ]
+        )
+        rows[name] = {
+            **per_label_recall(checker, recon, test.labels),
+            "psnr_db": float(psnr),
+            "seconds": seconds,
+            **codebook_use(model, test.images),
+        }
+        print(name, json.dumps(rows[name]), flush=True)
+    classes = list(rows["real test images"]["recall"])
+    lines = [
+        "| reconstructions of | map own | other |"
+        + "".join(f" recall {c} |" for c in classes)
+        + " PSNR dB | codes used | perplexity | train s |",
+        "|" + "---|" * (3 + len(classes) + 4),
+    ]
+    for name, row in rows.items():
+        recall = "".join(f" {row['recall'][c]:.2f} |" for c in classes)
+        extra = (
+            f" {row['psnr_db']:.1f} | {row['codes_used_share']:.2f} | {row['perplexity']:.0f} |"
+            f" {row['seconds']:.0f} |"
+            if "psnr_db" in row
+            else " – | – | – | – |"
+        )
+        lines.append(f"| {name} | {row['map_own']:.3f} | {row['map_other']:.3f} |{recall}{extra}")
+    text = (
+        f"# Autoencoder ceiling\n\n`bench/bench_autoencoder.py --steps {args.steps}` on "
+        f"{platform.processor() or 'cpu'} ({torch.get_num_threads()} threads), "
+        f"{args.train_subjects} training / {args.test_subjects} test phantom subjects at "
+        f"{'x'.join(map(str, args.shape))}.\n\n" + "\n".join(lines) + "\n"
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
