@@ -9,8 +9,6 @@ and images that may show a face.
 
 from __future__ import annotations
 
-import datetime as dt
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,6 +20,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from deid.keys import SiteKeys
 from deid.profile import PrivateTagRule, action_table, basic_action, is_class_uid, resolve
+from deid.values import age_band, age_in_years, as_text, clean_text, known_identifiers, shift_date
 from policies.site import PixelMask, SitePolicy
 
 # Constants that identify no one, written where the profile says D (dummy). The scanner accepts
@@ -45,9 +44,6 @@ _META_DROP = ("SourceApplicationEntityTitle", "SendingApplicationEntityTitle",
               "ReceivingApplicationEntityTitle", "SourcePresentationAddress",
               "SendingPresentationAddress", "ReceivingPresentationAddress",
               "PrivateInformationCreatorUID", "PrivateInformation")  # fmt: skip
-_DATE8 = re.compile(r"^(\d{8})(.*)$")
-_WORD = re.compile(r"[A-Za-z0-9]+")
-_LONG_NUMBER = re.compile(r"\d{4,}")
 
 
 class Quarantined(Exception):
@@ -76,31 +72,6 @@ class _Context:
     counts: dict[str, int]
 
 
-def _str(value: object) -> str:
-    return "" if value is None else str(value).strip()
-
-
-def _known_identifiers(ds: Dataset) -> frozenset[str]:
-    """Words from this object's names, IDs and institution, to scrub from free text."""
-    words: set[str] = set()
-
-    def visit(d: Dataset, elem: DataElement) -> None:
-        kw = elem.keyword or ""
-        if elem.VR in ("UI", "SQ"):
-            return
-        if elem.VR == "PN" or kw.endswith("ID") or "Institution" in kw or kw in (
-            "AccessionNumber", "StationName", "OtherPatientNames", "PatientAddress",
-        ):  # fmt: skip
-            values = elem.value if elem.VM > 1 else [elem.value]
-            for v in values:
-                for w in _WORD.findall(_str(v)):
-                    if len(w) >= 2:
-                        words.add(w.lower())
-
-    ds.walk(visit)
-    return frozenset(words)
-
-
 class Deidentifier:
     """Apply a site policy to DICOM datasets. One instance serves a whole run."""
 
@@ -120,13 +91,13 @@ class Deidentifier:
             and "DoubleFloatPixelData" not in ds
         ):
             return
-        body = _str(ds.get("BodyPartExamined")).upper().replace(" ", "")
+        body = as_text(ds.get("BodyPartExamined")).upper().replace(" ", "")
         if body in self.policy.deid.face_body_parts and not self._has(
             "Clean Recognizable Visual Features"
         ):
             raise Quarantined(f"may show a face (BodyPartExamined={body})")
-        burned = _str(ds.get("BurnedInAnnotation")).upper() == "YES"
-        modality = _str(ds.get("Modality")).upper()
+        burned = as_text(ds.get("BurnedInAnnotation")).upper() == "YES"
+        modality = as_text(ds.get("Modality")).upper()
         suspect = modality in self.policy.deid.burned_in_modalities
         if (burned or suspect) and self._mask_for(ds) is None:
             why = "BurnedInAnnotation=YES" if burned else f"modality {modality} usually carries it"
@@ -136,13 +107,13 @@ class Deidentifier:
         """De-identify ``ds`` in place and return it with its pseudonyms."""
         self.check_releasable(ds)
         patient_key = (
-            _str(ds.get("PatientID"))
-            or _str(ds.get("PatientName"))
-            or _str(ds.get("StudyInstanceUID"))
+            as_text(ds.get("PatientID"))
+            or as_text(ds.get("PatientName"))
+            or as_text(ds.get("StudyInstanceUID"))
         )
-        study_uid = _str(ds.get("StudyInstanceUID"))
-        series_uid = _str(ds.get("SeriesInstanceUID"))
-        sop_uid = _str(ds.get("SOPInstanceUID"))
+        study_uid = as_text(ds.get("StudyInstanceUID"))
+        series_uid = as_text(ds.get("SeriesInstanceUID"))
+        sop_uid = as_text(ds.get("SOPInstanceUID"))
         patient = self.keys.pseudonym("p", patient_key)
         outcome = DeidOutcome(
             dataset=ds,
@@ -167,7 +138,7 @@ class Deidentifier:
             )
             if shifts
             else None,
-            identifiers=_known_identifiers(ds),
+            identifiers=known_identifiers(ds),
             counts={},
         )
         self._walk(ds, ctx)
@@ -269,7 +240,7 @@ class Deidentifier:
             elem.value = b"" if elem.VR in ("OB", "OW", "UN") else ""
             return
         values = elem.value if elem.VM > 1 else [elem.value]
-        new = [self.keys.uid(_str(v)) if _str(v) else "" for v in values]
+        new = [self.keys.uid(as_text(v)) if as_text(v) else "" for v in values]
         elem.value = new if elem.VM > 1 else new[0]
 
     def _clean(self, ds: Dataset, elem: DataElement, ctx: _Context) -> None:
@@ -282,14 +253,14 @@ class Deidentifier:
                 elem.value = ""
             else:
                 values = elem.value if elem.VM > 1 else [elem.value]
-                shifted = [_shift_date(_str(v), ctx.date_offset) for v in values]
+                shifted = [shift_date(as_text(v), ctx.date_offset) for v in values]
                 elem.value = shifted if elem.VM > 1 else shifted[0]
         elif vr == "TM":
             if ctx.date_offset is None:  # times are only meaningful next to a kept date
                 elem.value = ""
         elif vr in TEXT_VRS:
             values = elem.value if elem.VM > 1 else [elem.value]
-            cleaned = [clean_text(_str(v), ctx.identifiers) for v in values]
+            cleaned = [clean_text(as_text(v), ctx.identifiers) for v in values]
             elem.value = cleaned if elem.VM > 1 else cleaned[0]
         elif vr in ("AS", "CS", "DS", "IS", "US", "FL", "FD"):
             pass  # patient characteristics under Retain Patient Characteristics: handled after
@@ -304,7 +275,7 @@ class Deidentifier:
     def _retained_characteristics(self, ds: Dataset) -> dict[str, str]:
         out: dict[str, str] = {}
         if self.policy.retain.sex:
-            sex = _str(ds.get("PatientSex")).upper()
+            sex = as_text(ds.get("PatientSex")).upper()
             if sex in ("M", "F", "O"):
                 out["PatientSex"] = sex
         if self.policy.retain.age == "5y-bands":
@@ -316,8 +287,8 @@ class Deidentifier:
     def _mask_for(self, ds: Dataset) -> PixelMask | None:
         if not self._has("Clean Pixel Data"):
             return None
-        modality = _str(ds.get("Modality")).upper()
-        manufacturer = _str(ds.get("Manufacturer"))
+        modality = as_text(ds.get("Modality")).upper()
+        manufacturer = as_text(ds.get("Manufacturer"))
         for mask in self.policy.deid.pixel_masks:
             if (
                 mask.modality.upper() == modality
@@ -339,7 +310,7 @@ class Deidentifier:
             view[:, box.row0 : box.row1, box.col0 : box.col1, :] = 0
         if ds.file_meta.TransferSyntaxUID.is_compressed:
             ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            if _str(ds.get("PhotometricInterpretation")).startswith("YBR"):
+            if as_text(ds.get("PhotometricInterpretation")).startswith("YBR"):
                 ds.PhotometricInterpretation = "RGB"  # pydicom decodes YBR JPEG to RGB
         ds.PixelData = arr.astype(arr.dtype.newbyteorder("<")).tobytes()
         ds["PixelData"].VR = "OW" if ds.BitsAllocated > 8 else "OB"
@@ -392,57 +363,6 @@ class Deidentifier:
         ds.preamble = b"\x00" * 128  # a preamble can hold a whole TIFF with its own metadata
 
 
-# -- helpers also used by the scanner and volume code ---------------------------------------------
-def _shift_date(value: str, days: int) -> str:
-    m = _DATE8.match(value)
-    if not m:
-        return ""  # partial or malformed dates cannot be shifted safely: removed
-    try:
-        day = dt.datetime.strptime(m.group(1), "%Y%m%d").date()
-    except ValueError:
-        return ""
-    rest = m.group(2)
-    if rest.startswith("-") and len(rest) >= 9:  # a DA range: shift both ends
-        rest = "-" + _shift_date(rest[1:9], days) + rest[9:]
-    return (day - dt.timedelta(days=days)).strftime("%Y%m%d") + rest
-
-
-def age_in_years(ds: Dataset) -> float | None:
-    """PatientAge (AS), or birth date to study date; None if neither is usable."""
-    age = _str(ds.get("PatientAge"))
-    m = re.fullmatch(r"(\d{3})([DWMY])", age)
-    if m:
-        n = int(m.group(1))
-        return n / {"D": 365.25, "W": 52.18, "M": 12.0, "Y": 1.0}[m.group(2)]
-    birth = _str(ds.get("PatientBirthDate"))
-    when = _str(ds.get("StudyDate")) or _str(ds.get("SeriesDate")) or _str(ds.get("ContentDate"))
-    try:
-        b = dt.datetime.strptime(birth[:8], "%Y%m%d")
-        w = dt.datetime.strptime(when[:8], "%Y%m%d")
-    except ValueError:
-        return None
-    years = (w - b).days / 365.25
-    return years if years >= 0 else None
-
-
-def age_band(years: float) -> int:
-    """Start of the 5-year band; 90 and over are pooled (HIPAA Safe Harbor)."""
-    return 90 if years >= 90 else int(years // 5) * 5
-
-
-def clean_text(text: str, identifiers: frozenset[str]) -> str:
-    """Keep the words of a descriptor that are not identifiers, dates or long numbers."""
-    if "^" in text:  # a person name in DICOM notation: nothing in it is a descriptor
-        return ""
-    kept = []
-    for token in re.split(r"(\s+)", text):
-        words = {w.lower() for w in _WORD.findall(token)}
-        if words & identifiers or _LONG_NUMBER.search(token):
-            continue
-        kept.append(token)
-    return re.sub(r"\s+", " ", "".join(kept)).strip()
-
-
 def reading_config() -> None:
     """Read leniently: real exports hold odd VRs and bad values; we rewrite them anyway."""
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
@@ -454,8 +374,5 @@ __all__ = [
     "DeidOutcome",
     "Deidentifier",
     "Quarantined",
-    "age_band",
-    "age_in_years",
-    "clean_text",
     "reading_config",
 ]

@@ -14,6 +14,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID_dictionary
 
 from deid.annex_e_table import BASIC_PROFILE, BASIC_PROFILE_MASKED, OPTION_ACTIONS
+from deid.values import as_text
 from policies.site import SitePolicy
 
 # Options whose table column is applied as an override of the Basic action. "Clean Pixel Data",
@@ -62,10 +63,6 @@ def resolve(action: str, vr: str) -> str:
     return action
 
 
-def _str(value: object) -> str:
-    return "" if value is None else str(value).strip()
-
-
 def is_class_uid(elem: DataElement) -> bool:
     """True for a UID element that names a class, transfer syntax or coding scheme (kept as it is),
     by its keyword or because every value is a UID of the standard; false for instance UIDs."""
@@ -73,7 +70,7 @@ def is_class_uid(elem: DataElement) -> bool:
     if _KEEP_UID_KEYWORD.search(kw):
         return True
     values = elem.value if elem.VM > 1 else [elem.value]
-    return all(_str(v) in UID_dictionary for v in values if _str(v))
+    return all(as_text(v) in UID_dictionary for v in values if as_text(v))
 
 
 @dataclass(frozen=True)
@@ -98,5 +95,5 @@ class PrivateTagRule:
         creator_tag = (tag.group << 16) | (tag.element >> 8)
         if creator_tag not in ds:
             return False
-        creator = _str(ds[creator_tag].value)
+        creator = as_text(ds[creator_tag].value)
         return (tag.group, creator, tag.element & 0xFF) in self.safe
