@@ -182,11 +182,11 @@ def sample(
     out: Annotated[Path, typer.Option(help="Output folder: images/ and maps/.")],
     steps: Annotated[
         int | None,
-        typer.Option(min=1, max=1000, help="Sampling steps. [default: the model config's]"),
+        typer.Option(min=1, max=1000, help="Sampling steps (default: the model config's)."),
     ] = None,
     guidance: Annotated[
         float | None,
-        typer.Option(min=0.0, help="Classifier-free guidance. [default: the model config's]"),
+        typer.Option(min=0.0, help="Classifier-free guidance (default: the model config's)."),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed: same seed and map give the same volume.")] = 0,
     batch_size: Annotated[int | None, typer.Option(min=1, help="Maps per batch.")] = None,

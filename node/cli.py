@@ -443,11 +443,11 @@ def generate(
     ] = None,
     steps: Annotated[
         int | None,
-        typer.Option(min=1, max=1000, help="sampling steps [default: the bundle's model config]"),
+        typer.Option(min=1, max=1000, help="sampling steps (default: the bundle's model config)"),
     ] = None,
     guidance: Annotated[
         float | None,
-        typer.Option(min=0.0, help="classifier-free guidance [default: the bundle's model config]"),
+        typer.Option(min=0.0, help="classifier-free guidance (default: the bundle's model config)"),
     ] = None,
     seed: Annotated[int, typer.Option(help="seed: same seed and map give the same volume")] = 0,
     batch_size: Annotated[int | None, typer.Option(min=1, help="maps per batch")] = None,
