@@ -28,6 +28,7 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from lsdm.bundle import load_public_key, verify_bundle
+from lsdm.loopback import free_port
 from lsdm.phantom import write_cohort
 from node.cli import app as node_app
 from node.join import JoinSpec, supernode_command
@@ -38,12 +39,6 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SHAPE = (16, 32, 32)
 runner = CliRunner()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Processes:
