@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -84,6 +85,10 @@ class Split:
     images: torch.Tensor  # (N, 1, D, H, W) in [-1, 1]
     labels: torch.Tensor  # (N, D, H, W) label index
 
+    @staticmethod
+    def load(path: Path) -> Split:
+        return Split(**load_file(path))
+
     def volumes(self, images: torch.Tensor | None = None) -> Volumes:
         images = self.images if images is None else images
         return Volumes([str(i) for i in range(len(images))], images, self.labels)
@@ -116,6 +121,11 @@ def map_scores(checker: NearestClassMean, images: torch.Tensor, labels: torch.Te
 def dice_of(segmenter, split: Split, images: torch.Tensor | None = None) -> dict:
     per_class, mean = segment_dice(segmenter, split.volumes(images), PHANTOM_LABELS)
     return {"mean": mean, "per_class": per_class}
+
+
+def mean_psnr(real: torch.Tensor, other: torch.Tensor) -> float:
+    pairs = zip(real[:, 0].numpy(), other[:, 0].numpy(), strict=True)
+    return float(np.mean([paired_psnr_ssim(r, o)["psnr_db"] for r, o in pairs]))
 
 
 def safe_frechet(a, b) -> float:
@@ -198,14 +208,7 @@ def prepare(args, work: Path) -> dict:
         "reconstructed": {
             "dice": dice_of(segmenter, test, reconstructions),
             **map_scores(checker, reconstructions, test.labels),
-            "psnr_db": float(
-                np.mean(
-                    [
-                        paired_psnr_ssim(r[0].numpy(), s[0].numpy())["psnr_db"]
-                        for r, s in zip(test.images, reconstructions, strict=True)
-                    ]
-                )
-            ),
+            "psnr_db": mean_psnr(test.images, reconstructions),
             "frechet": safe_frechet(real_features, bottleneck_features(segmenter, reconstructions)),
             **codebook_use(vqgan, test.images),
         },
@@ -235,19 +238,12 @@ def run_variant(args, work: Path, name: str) -> dict:
     config = config.with_overrides(diffusion=overrides, train={"ldm_steps": steps})
     vqgan_checkpoint = work / f"vqgan_{scaling}" / "checkpoint.safetensors"
     out = work / f"ldm_{name}"
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
+    shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()
     train_ldm(open_cohort(work / "train"), vqgan_checkpoint, config, out, device=device)
     ldm_seconds = time.perf_counter() - started
     generator = Generator.from_checkpoints(vqgan_checkpoint, out / "checkpoint.safetensors", device)
-    train_t, test_t = load_file(work / "train.safetensors"), load_file(work / "test.safetensors")
-    train, test = (
-        Split(train_t["images"], train_t["labels"]),
-        Split(test_t["images"], test_t["labels"]),
-    )
+    train, test = Split.load(work / "train.safetensors"), Split.load(work / "test.safetensors")
     segmenter = train_segmenter([train.volumes()], len(PHANTOM_LABELS), 1, 0, None, device)
     from lsdm.checkpoint import load_checkpoint
 
@@ -284,14 +280,7 @@ def run_variant(args, work: Path, name: str) -> dict:
             "seconds_per_volume": seconds_per_volume,
             "dice": dice_of(segmenter, test, synthetic_test),
             **map_scores(checker, synthetic_test, test.labels),
-            "psnr_db": float(
-                np.mean(
-                    [
-                        paired_psnr_ssim(r[0].numpy(), s[0].numpy())["psnr_db"]
-                        for r, s in zip(test.images, synthetic_test, strict=True)
-                    ]
-                )
-            ),
+            "psnr_db": mean_psnr(test.images, synthetic_test),
             "frechet": safe_frechet(real_features, bottleneck_features(segmenter, synthetic_test)),
         }
         if args.tstr_all or (sampling_steps, guidance) in TSTR_SAMPLINGS:
@@ -351,6 +340,23 @@ def table(prepared: dict, variants: dict[str, dict]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def run_in_processes(names: list[str], parallel: int) -> None:
+    """This script once per variant (``--only-variant``), ``parallel`` at a time."""
+    pending, running = list(names), {}
+    threads = str(max(1, (os.cpu_count() or 2) // max(1, parallel)))
+    while pending or running:
+        while pending and len(running) < parallel:
+            name = pending.pop(0)
+            command = [sys.executable, __file__, *sys.argv[1:], "--only-variant", name]
+            running[name] = subprocess.Popen(command, env=dict(os.environ, OMP_NUM_THREADS=threads))
+        time.sleep(1)
+        for name, process in list(running.items()):
+            if process.poll() is not None:
+                del running[name]
+                if process.returncode:
+                    print(f"variant {name} failed with code {process.returncode}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="markdown results file")
@@ -376,23 +382,7 @@ def main() -> None:
     started = time.perf_counter()
     prepared = prepare(args, work)
     print("prepared", json.dumps(prepared), flush=True)
-    forwarded = [a for a in sys.argv[1:]]
-    pending = list(args.variants)
-    running: list[tuple[str, subprocess.Popen]] = []
-    env = dict(
-        os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // max(1, args.parallel)))
-    )
-    while pending or running:
-        while pending and len(running) < args.parallel:
-            name = pending.pop(0)
-            command = [sys.executable, __file__, *forwarded, "--only-variant", name]
-            running.append((name, subprocess.Popen(command, env=env)))
-        time.sleep(1)
-        for item in list(running):
-            if item[1].poll() is not None:
-                running.remove(item)
-                if item[1].returncode:
-                    print(f"variant {item[0]} failed with code {item[1].returncode}", flush=True)
+    run_in_processes(args.variants, args.parallel)
     variants = {}
     for name in args.variants:
         path = work / f"variant_{name}.json"
