@@ -35,7 +35,13 @@ from lsdm.data import open_cohort
 from lsdm.diffusion import build_ldm
 from lsdm.phantom import PHANTOM_LABELS, write_cohort
 from lsdm.phases import PerPhase
-from lsdm.release_report import build_report, write_report
+from lsdm.release_report import (
+    Generation,
+    ReleaseDecision,
+    ReleaseProvenance,
+    build_report,
+    write_report,
+)
 from lsdm.vqgan import VQGAN
 
 
@@ -107,16 +113,25 @@ def main() -> None:
         per_volume = generate_s / len(paths)
 
         t = time.perf_counter()
+        generation = Generation(
+            maps="phantom maps (seed 1)",
+            maps_augmented=False,
+            steps=args.steps,
+            guidance=1.5,
+            seed=0,
+            bundle=bundle_path.name,
+            sampler=generator.config.diffusion.objective,
+        )
         report = build_report(
             out,
             open_cohort(root / "real"),
             generator.config,
-            provenance.model_dump(mode="json"),
-            {"steps": args.steps},
+            ReleaseProvenance(**provenance.model_dump(), bundle_verified=True),
+            generation,
             segmentation_steps=args.segmentation_steps,
             device=args.device,
         )
-        report["release"] = {"releasable": True, "reasons": []}
+        report = report.model_copy(update={"release": ReleaseDecision(releasable=True, reasons=[])})
         write_report(report, out)
         report_s = time.perf_counter() - t
 

@@ -144,20 +144,21 @@ def report(rows: dict, args, seconds: float) -> str:
     lines = [header, "|" + "---|" * 11]
     for name, row in rows.items():
         m, a = row["metrics"], row["agreement"]
-        dice = m["dice"]
+        dice = m.dice
         eps = ", ".join(f"{v:.2f}" for v in row["epsilon"].values()) or "∞ (no DP)"
         lines.append(
-            f"| {name} | {dice['real']['mean']:.3f} | {dice['synthetic']['mean']:.3f} "
-            f"| {dice['train_synthetic_test_real']['mean']:.3f} "
-            f"| {dice['real_plus_synthetic']['mean']:.3f} "
-            f"| {m['frechet_distance']['value']:.3g} "
-            f"| {m['ms_ssim_between_synthetic']:.3f} ({m['ms_ssim_between_real']:.3f}) "
-            f"| {m['paired']['psnr_db']:.1f} "
+            f"| {name} | {dice.real.mean:.3f} | {dice.synthetic.mean:.3f} "
+            f"| {dice.train_synthetic_test_real.mean:.3f} "
+            f"| {dice.real_plus_synthetic.mean:.3f} "
+            f"| {m.frechet_distance.value:.3g} "
+            f"| {m.diversity.ms_ssim_between_synthetic:.3f} "
+            f"({m.diversity.ms_ssim_between_real:.3f}) "
+            f"| {m.paired.psnr_db:.1f} "
             f"| {a['map_agreement_synthetic']:.2f} ({a['map_agreement_real']:.2f}, "
             f"{a['map_agreement_synthetic_swapped']:.2f}) | {eps} | {row['train_minutes']:.1f} |"
         )
     first = next(iter(rows.values()))["metrics"]
-    extractor = first["frechet_distance"]["extractor"]
+    extractor = first.frechet_distance.extractor
     command = (
         f".venv/bin/python bench/bench_results.py --sites {args.sites} --subjects {args.subjects} "
         f"--heldout {args.heldout} --shape {' '.join(map(str, args.shape))} "
@@ -189,7 +190,7 @@ Every model generates one volume per held-out map (25 sampling steps, guidance 1
   volumes made from the same maps ("synthetic"); "TSTR" trains on the synthetic train split and
   tests on real; "real+syn" trains on both. Per-class values are in each run's
   `evaluation/metrics.json`.
-- **Fréchet distance**: over exactly the {first["frechet_distance"]["volumes"]} held-out volumes
+- **Fréchet distance**: over exactly the {first.frechet_distance.real_volumes} held-out volumes
   (no padding); extractor: {extractor}, saved beside each run's metrics with its SHA-256.
 - **MS-SSIM**: mean over pairs of synthetic volumes (real pairs in brackets); lower is more diverse.
 - **Map agreement**: balanced accuracy of a voxel classifier of the real training images' label

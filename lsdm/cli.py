@@ -263,21 +263,7 @@ def evaluate(
         metrics = run_evaluation(
             cohort, synthetic, out, settings, steps, seed, on_stage=stage, resnet=resnet
         )
-    dice = metrics["dice"]
-    print(f"Dice (mean over foreground labels, {len(metrics['subjects']['test'])} test subjects):")
-    for key in ("real", "synthetic", "train_synthetic_test_real", "real_plus_synthetic"):
-        print(f"  {key:28s} {dice[key]['mean']:.3f}")
-    print(
-        f"Fréchet distance: {metrics['frechet_distance']['value']:.4g} "
-        f"({metrics['frechet_distance']['extractor']})"
-    )
-    if resnet is not None:
-        resnet_fd = metrics["frechet_distance_resnet"]
-        print(f"Fréchet distance: {resnet_fd['value']:.4g} ({resnet_fd['extractor']})")
-    print(
-        f"MS-SSIM between synthetic volumes: {metrics['ms_ssim_between_synthetic']:.3f} "
-        f"(real: {metrics['ms_ssim_between_real']:.3f})"
-    )
+    print(metrics.describe())
     print(f"metrics: {out / 'metrics.json'}")
 
 

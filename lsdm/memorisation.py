@@ -29,9 +29,12 @@ distances).
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict
 from scipy.ndimage import gaussian_filter
 
 NEAR_COPY_FACTOR = 0.5
@@ -41,6 +44,39 @@ DISTANCE_NAME = (
     "from label boundaries, by its own map; intensity minus its local mean within its label, "
     "Gaussian sigma 1.5 voxels; scaled to unit RMS): 0 = copy, ~1.41 = unrelated"
 )
+
+
+class Nearest(BaseModel):
+    """A volume's nearest training volume and its distance."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str
+    nearest_training: str
+    distance: float
+
+
+class SyntheticNearest(Nearest):
+    near_copy: bool
+
+
+class Memorisation(BaseModel):
+    """The check's result: the release report's ``memorisation`` section."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    distance: str = DISTANCE_NAME
+    reference: Literal["holdout", "leave-one-out"]
+    reference_description: str
+    threshold_rule: str
+    near_copy_factor: float
+    threshold: float
+    synthetic: list[SyntheticNearest]
+    reference_volumes: list[Nearest]
+    synthetic_median: float
+    reference_median: float
+    median_ratio: float | None  # None when every reference distance is 0
+    near_copies: list[str]
 
 
 def _boundary(labels: torch.Tensor) -> torch.Tensor:
@@ -80,10 +116,10 @@ def residual_distances(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
     return (sq_a + sq_b - 2 * inner).clamp_min(0).sqrt().numpy()
 
 
-def _nearest(dist: np.ndarray, query_ids: list[str], train_ids: list[str]) -> list[dict]:
+def _nearest(dist: np.ndarray, query_ids: list[str], train_ids: list[str]) -> list[Nearest]:
     index = dist.argmin(axis=1)
     return [
-        {"id": q, "nearest_training": train_ids[j], "distance": float(dist[i, j])}
+        Nearest(id=q, nearest_training=train_ids[j], distance=float(dist[i, j]))
         for i, (q, j) in enumerate(zip(query_ids, index, strict=True))
     ]
 
@@ -97,13 +133,13 @@ def check_memorisation(
     train_labels: torch.Tensor,
     holdout: tuple[list[str], torch.Tensor, torch.Tensor] | None = None,
     near_copy_factor: float = NEAR_COPY_FACTOR,
-) -> dict:
-    """The check described above; returns the report's ``memorisation`` section."""
+) -> Memorisation:
+    """The check described above."""
     if len(train_ids) < 2 and holdout is None:
         raise ValueError("the leave-one-out reference needs at least two training volumes")
     train = map_residuals(train_images, train_labels)
     synthetic = map_residuals(synthetic_images, synthetic_labels)
-    per_synthetic = _nearest(residual_distances(synthetic, train), synthetic_ids, train_ids)
+    nearest = _nearest(residual_distances(synthetic, train), synthetic_ids, train_ids)
     if holdout is not None:
         ids, images, labels = holdout
         reference = _nearest(
@@ -115,30 +151,30 @@ def check_memorisation(
         np.fill_diagonal(dist, np.inf)
         reference = _nearest(dist, train_ids, train_ids)
         reference_kind = "leave-one-out"
-    reference_distances = np.array([r["distance"] for r in reference])
+    reference_distances = np.array([r.distance for r in reference])
     threshold = near_copy_factor * float(reference_distances.min())
-    for entry in per_synthetic:
-        entry["near_copy"] = bool(entry["distance"] < threshold)
-    synthetic_median = float(np.median([e["distance"] for e in per_synthetic]))
+    per_synthetic = [
+        SyntheticNearest(**e.model_dump(), near_copy=bool(e.distance < threshold)) for e in nearest
+    ]
+    synthetic_median = float(np.median([e.distance for e in per_synthetic]))
     reference_median = float(np.median(reference_distances))
-    return {
-        "distance": DISTANCE_NAME,
-        "reference": reference_kind,
-        "reference_description": (
+    return Memorisation(
+        reference=reference_kind,
+        reference_description=(
             "held-out real volumes (not used in training) against the training volumes"
             if reference_kind == "holdout"
             else "each training volume against the other training volumes (no held-out set given)"
         ),
-        "threshold_rule": (
+        threshold_rule=(
             f"near-copy when the distance to the nearest training volume is below "
             f"{near_copy_factor} x the smallest reference distance"
         ),
-        "near_copy_factor": near_copy_factor,
-        "threshold": threshold,
-        "synthetic": per_synthetic,
-        "reference_volumes": reference,
-        "synthetic_median": synthetic_median,
-        "reference_median": reference_median,
-        "median_ratio": synthetic_median / reference_median if reference_median > 0 else None,
-        "near_copies": [e["id"] for e in per_synthetic if e["near_copy"]],
-    }
+        near_copy_factor=near_copy_factor,
+        threshold=threshold,
+        synthetic=per_synthetic,
+        reference_volumes=reference,
+        synthetic_median=synthetic_median,
+        reference_median=reference_median,
+        median_ratio=synthetic_median / reference_median if reference_median > 0 else None,
+        near_copies=[e.id for e in per_synthetic if e.near_copy],
+    )

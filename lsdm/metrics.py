@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from itertools import combinations
 
 import numpy as np
 import torch
@@ -100,6 +101,20 @@ def ms_ssim(volume_a: np.ndarray, volume_b: np.ndarray, data_range: float = 2.0)
         torch.as_tensor(np.asarray(v, dtype=np.float32))[None, None] for v in (volume_a, volume_b)
     )
     return float(metric(a, b).mean())
+
+
+def mean_pairwise_ms_ssim(
+    images: torch.Tensor, max_pairs: int | None = None, seed: int = 0
+) -> float:
+    """Mean MS-SSIM over pairs of ``images`` (N, 1, D, H, W): all pairs, or ``max_pairs`` of them
+    drawn without replacement (seeded) when there are more; NaN for fewer than two images."""
+    pairs = list(combinations(range(len(images)), 2))
+    if not pairs:
+        return float("nan")
+    if max_pairs is not None and len(pairs) > max_pairs:
+        chosen = np.random.default_rng(seed).choice(len(pairs), max_pairs, replace=False)
+        pairs = [pairs[i] for i in sorted(chosen)]
+    return float(np.mean([ms_ssim(images[a, 0].numpy(), images[b, 0].numpy()) for a, b in pairs]))
 
 
 def paired_psnr_ssim(real: np.ndarray, synthetic: np.ndarray, data_range: float = 2.0) -> dict:

@@ -14,12 +14,17 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
 
 from node.errors import UserError
 from policies.site import ReleaseGate, SitePolicy
+
+if TYPE_CHECKING:  # torch-heavy: imported when a report is made
+    from lsdm.memorisation import Memorisation
+    from lsdm.release_report import ReleaseDecision, ReleaseReport
 
 
 # -- map augmentation ------------------------------------------------------------------------------
@@ -64,22 +69,30 @@ def write_augmented_maps(paths: list[Path], folder: Path, seed: int) -> tuple[li
 
 
 # -- the release gate ------------------------------------------------------------------------------
-def apply_gate(report: dict, gate: ReleaseGate, epsilon: float, scan_findings: int | None) -> dict:
-    """The site policy's decision on a report: ``{"releasable", "reasons", ...}``.
+def apply_gate(
+    memorisation: Memorisation,
+    frechet_distance: float | None,
+    gate: ReleaseGate,
+    epsilon: float,
+    scan_findings: int | None,
+    policy: str | None = None,
+) -> ReleaseDecision:
+    """The site policy's decision on a report's memorisation check and Fréchet distance.
 
     Rules: no near-copy of a training volume (always); median nearest-training distance ratio at
     least ``min_nn_distance_ratio``; the largest site ε at most ``max_epsilon`` (a site that
     trained without DP counts as ε = ∞); Fréchet distance at most ``max_fid``; a clean PHI scan
     of the dataset when ``require_clean_scan``.
     """
+    from lsdm.release_report import ReleaseDecision
+
     reasons = []
-    memorisation = report["memorisation"]
-    if memorisation["near_copies"]:
+    if memorisation.near_copies:
         reasons.append(
-            f"{len(memorisation['near_copies'])} synthetic volume(s) are near-copies of training "
-            f"volumes: {', '.join(memorisation['near_copies'])}"
+            f"{len(memorisation.near_copies)} synthetic volume(s) are near-copies of training "
+            f"volumes: {', '.join(memorisation.near_copies)}"
         )
-    ratio = memorisation["median_ratio"]
+    ratio = memorisation.median_ratio
     if ratio is None or ratio < gate.min_nn_distance_ratio:
         shown = "undefined" if ratio is None else f"{ratio:.3f}"
         reasons.append(
@@ -94,18 +107,19 @@ def apply_gate(report: dict, gate: ReleaseGate, epsilon: float, scan_findings: i
             )
         else:
             reasons.append(f"epsilon {epsilon:.3g} is above the policy's {gate.max_epsilon}")
-    fid = report["fidelity"]["frechet_distance"]["value"]
+    fid = frechet_distance
     if gate.max_fid is not None and not (fid is not None and fid <= gate.max_fid):
         reasons.append(f"Fréchet distance {fid:.4g} is above the policy's {gate.max_fid}")
     if gate.require_clean_scan and scan_findings:
         reasons.append(f"the PHI scan found {scan_findings} problem(s) in images/ and maps/")
-    return {
-        "releasable": not reasons,
-        "reasons": reasons,
-        "gate": gate.model_dump(mode="json"),
-        "worst_epsilon": None if np.isinf(epsilon) else epsilon,
-        "phi_scan_findings": scan_findings,
-    }
+    return ReleaseDecision(
+        policy=policy,
+        releasable=not reasons,
+        reasons=reasons,
+        gate=gate.model_dump(mode="json"),
+        worst_epsilon=None if np.isinf(epsilon) else epsilon,
+        phi_scan_findings=scan_findings,
+    )
 
 
 def scan_dataset(out: Path, policy: SitePolicy) -> int:
@@ -137,7 +151,7 @@ class GenerateSpec:
 class GenerateResult:
     generated: int
     total: int
-    report: dict | None
+    report: ReleaseReport | None
 
 
 def verify(bundle: Path, coordinator_key: Path):
@@ -156,7 +170,7 @@ def generate(
     volumes already there), then build the release report and apply the policy's gate."""
     from lsdm.bundle import load_bundle, load_public_key
     from lsdm.data import open_cohort
-    from lsdm.release_report import build_report, write_report
+    from lsdm.release_report import Generation, ReleaseProvenance, build_report, write_report
 
     if (spec.maps is None) == (spec.from_cohort is None):
         raise UserError("give exactly one of --maps DIR or --from-cohort COHORT")
@@ -204,22 +218,24 @@ def generate(
         shutil.rmtree(staging, ignore_errors=True)
     if not spec.report:
         return GenerateResult(len(made), len(paths), None)
-    generation = {
-        "maps": maps_dir.name if spec.maps is not None else "the cohort's own maps",
-        "maps_augmented": spec.augment_maps,
-        "steps": spec.steps,
-        "guidance": spec.guidance,
-        "seed": spec.seed,
-        "bundle": spec.bundle.name,
-        "sampler": manifest.config.diffusion.objective,
-    }
-    if changed is not None:
-        generation["augmented_voxel_share_changed_mean"] = float(np.mean(list(changed.values())))
-    provenance = manifest.provenance.model_dump(mode="json") | {
-        "source": manifest.source,
-        "signer": manifest.signer,
-        "bundle_verified": True,
-    }
+    generation = Generation(
+        maps=maps_dir.name if spec.maps is not None else "the cohort's own maps",
+        maps_augmented=spec.augment_maps,
+        steps=spec.steps,
+        guidance=spec.guidance,
+        seed=spec.seed,
+        bundle=spec.bundle.name,
+        sampler=manifest.config.diffusion.objective,
+        augmented_voxel_share_changed_mean=(
+            float(np.mean(list(changed.values()))) if changed is not None else None
+        ),
+    )
+    provenance = ReleaseProvenance(
+        **manifest.provenance.model_dump(),
+        source=manifest.source,
+        signer=manifest.signer,
+        bundle_verified=True,
+    )
     report = build_report(
         spec.out,
         real,
@@ -232,8 +248,14 @@ def generate(
         on_stage=on_stage,
         device=generator.device,
     )
-    report["release"] = {"policy": policy.name} | apply_gate(
-        report, policy.release, manifest.worst_epsilon, scan_dataset(spec.out, policy)
+    decision = apply_gate(
+        report.memorisation,
+        report.fidelity.frechet_distance.value,
+        policy.release,
+        manifest.worst_epsilon,
+        scan_dataset(spec.out, policy),
+        policy=policy.name,
     )
+    report = report.model_copy(update={"release": decision})
     write_report(report, spec.out)
     return GenerateResult(len(made), len(paths), report)

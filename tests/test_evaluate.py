@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 
@@ -13,6 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from lsdm.cli import app
+from lsdm.evaluate import load_metrics
 
 # Few segmentation steps: these tests check the protocol's bookkeeping (pairing, identical inputs
 # give identical scores, unpadded distances), not how well a briefly trained segmenter segments.
@@ -72,24 +72,26 @@ def real_vs_real(small_cohort, tmp_path_factory, resnet_weights):
     synthetic = _as_synthetic(small_cohort, root / "syn")
     result = _evaluate(small_cohort, synthetic, root / "out", *resnet_weights)
     assert result.exit_code == 0, result.output
-    return json.loads((root / "out" / "metrics.json").read_text()), root / "out"
+    return load_metrics(root / "out" / "metrics.json"), root / "out"
 
 
 def test_real_against_itself_scores_like_real(real_vs_real):
     metrics, out = real_vs_real
-    dice = metrics["dice"]
-    assert dice["synthetic"] == dice["real"]  # the same volumes through the same network
-    assert "background" not in str(list(dice["real"]["per_class"]))  # keys are label values
-    assert "0" not in {str(k) for k in dice["real"]["per_class"]}
-    assert metrics["frechet_distance"]["value"] == pytest.approx(0.0, abs=1e-6)
-    assert metrics["frechet_distance"]["volumes"] == 6
-    assert len(metrics["frechet_distance"]["extractor_sha256"]) == 64
-    resnet = metrics["frechet_distance_resnet"]
-    assert resnet["value"] == pytest.approx(0.0, abs=1e-6) and resnet["volumes"] == 6
-    assert "ResNet-10" in resnet["extractor"] and len(resnet["extractor_sha256"]) == 64
-    assert metrics["paired"]["ssim"] == pytest.approx(1.0, abs=1e-4)
-    assert math.isinf(metrics["paired"]["psnr_db"]) or metrics["paired"]["psnr_db"] > 60
-    assert metrics["ms_ssim_between_synthetic"] == pytest.approx(metrics["ms_ssim_between_real"])
+    dice = metrics.dice
+    assert dice.synthetic == dice.real  # the same volumes through the same network
+    assert "background" not in str(list(dice.real.per_class))  # foreground labels only
+    assert "0" not in {str(k) for k in dice.real.per_class}
+    assert metrics.frechet_distance.value == pytest.approx(0.0, abs=1e-6)
+    assert metrics.frechet_distance.real_volumes == 6
+    assert metrics.frechet_distance.synthetic_volumes == 6
+    assert len(metrics.frechet_distance.extractor_sha256) == 64
+    resnet = metrics.frechet_distance_resnet
+    assert resnet.value == pytest.approx(0.0, abs=1e-6) and resnet.real_volumes == 6
+    assert "ResNet-10" in resnet.extractor and len(resnet.extractor_sha256) == 64
+    assert metrics.paired.ssim == pytest.approx(1.0, abs=1e-4)
+    assert math.isinf(metrics.paired.psnr_db) or metrics.paired.psnr_db > 60
+    diversity = metrics.diversity
+    assert diversity.ms_ssim_between_synthetic == pytest.approx(diversity.ms_ssim_between_real)
     for name in ("metrics.json", "dice.png", "intensities.png", "extractor.safetensors"):
         assert (out / name).is_file()
 
@@ -99,13 +101,11 @@ def test_real_against_noise_is_clearly_worse(small_cohort, real_vs_real, tmp_pat
     synthetic = _as_synthetic(small_cohort, tmp_path / "noise", noise_seed=1)
     result = _evaluate(small_cohort, synthetic, tmp_path / "out", *resnet_weights)
     assert result.exit_code == 0, result.output
-    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert metrics["dice"]["real"] == reference["dice"]["real"]  # seeds fixed: same real side
-    assert metrics["frechet_distance"]["value"] > 100 * max(
-        reference["frechet_distance"]["value"], 1e-6
-    )
-    assert metrics["paired"]["psnr_db"] < 10
-    assert metrics["frechet_distance_resnet"]["value"] > 1e-3
+    metrics = load_metrics(tmp_path / "out" / "metrics.json")
+    assert metrics.dice.real == reference.dice.real  # seeds fixed: same real side
+    assert metrics.frechet_distance.value > 100 * max(reference.frechet_distance.value, 1e-6)
+    assert metrics.paired.psnr_db < 10
+    assert metrics.frechet_distance_resnet.value > 1e-3
 
 
 def test_mismatched_pairs_are_refused(small_cohort, tmp_path):

@@ -17,12 +17,12 @@ from typer.testing import CliRunner
 
 from lsdm.bundle import Provenance, build_bundle
 from lsdm.data import open_cohort
-from lsdm.evaluate import load_volumes
 from lsdm.generate import Generator
 from lsdm.memorisation import check_memorisation
 from lsdm.phantom import write_cohort
 from lsdm.phases import PerPhase
-from lsdm.release_report import SECTIONS
+from lsdm.release_report import SECTIONS, load_report
+from lsdm.segmenter import load_volumes
 from node.cli import app as node_app
 from node.generate import apply_gate, augment_map
 from policies.site import ReleaseGate
@@ -95,12 +95,12 @@ def test_memorisation_flags_planted_copies_and_passes_generated_volumes(volumes)
         train.images,
         train.labels,
     )
-    by_id = {e["id"]: e for e in result["synthetic"]}
-    assert result["near_copies"] == ["copy", "copy+noise"]
-    assert by_id["copy"]["distance"] == pytest.approx(0.0, abs=1e-6)
-    assert by_id["copy"]["nearest_training"] == train.ids[2]
-    assert by_id["copy+noise"]["nearest_training"] == train.ids[3]
-    assert result["reference"] == "leave-one-out"
+    by_id = {e.id: e for e in result.synthetic}
+    assert result.near_copies == ["copy", "copy+noise"]
+    assert by_id["copy"].distance == pytest.approx(0.0, abs=1e-6)
+    assert by_id["copy"].nearest_training == train.ids[2]
+    assert by_id["copy+noise"].nearest_training == train.ids[3]
+    assert result.reference == "leave-one-out"
     generated_only = check_memorisation(
         ids[2:],
         generated,
@@ -110,26 +110,21 @@ def test_memorisation_flags_planted_copies_and_passes_generated_volumes(volumes)
         train.labels,
         holdout=(volumes["holdout"].ids, volumes["holdout"].images, volumes["holdout"].labels),
     )
-    assert generated_only["near_copies"] == [] and generated_only["reference"] == "holdout"
-    assert generated_only["median_ratio"] > 0.8
-    for entry in generated_only["synthetic"]:
-        assert entry["distance"] > 1.5 * generated_only["threshold"]
+    assert generated_only.near_copies == [] and generated_only.reference == "holdout"
+    assert generated_only.median_ratio > 0.8
+    for entry in generated_only.synthetic:
+        assert entry.distance > 1.5 * generated_only.threshold
 
-    report = {
-        "memorisation": result,
-        "fidelity": {"frechet_distance": {"value": 1.0}},
-    }
+    frechet = 1.0
     gate = ReleaseGate(max_epsilon=None, min_nn_distance_ratio=0.5, max_fid=None)
-    decision = apply_gate(report, gate, float("inf"), 0)
-    assert decision["releasable"] is False
-    assert any("near-copies" in r and "copy+noise" in r for r in decision["reasons"])
-    clean = apply_gate({**report, "memorisation": generated_only}, gate, float("inf"), 0)
-    assert clean["releasable"] is True and clean["reasons"] == []
-    strict = apply_gate(
-        {**report, "memorisation": generated_only}, ReleaseGate(max_fid=0.5), float("inf"), 2
-    )
-    assert not strict["releasable"]
-    text = " ".join(strict["reasons"])
+    decision = apply_gate(result, frechet, gate, float("inf"), 0)
+    assert decision.releasable is False
+    assert any("near-copies" in r and "copy+noise" in r for r in decision.reasons)
+    clean = apply_gate(generated_only, frechet, gate, float("inf"), 0)
+    assert clean.releasable is True and clean.reasons == []
+    strict = apply_gate(generated_only, frechet, ReleaseGate(max_fid=0.5), float("inf"), 2)
+    assert not strict.releasable
+    text = " ".join(strict.reasons)
     assert "without differential privacy" in text and "Fréchet" in text and "PHI scan" in text
 
 
@@ -199,6 +194,7 @@ def test_generate_writes_the_dataset_and_a_complete_report(trained_models, relea
     report = json.loads((out / "report.json").read_text())
     for section in SECTIONS:
         assert report[section], section
+    assert load_report(out / "report.json").model_dump(mode="json") == report  # it validates
     assert report["provenance"]["federation"] == "central-test"
     assert report["provenance"]["dp"] == "none" and report["provenance"]["bundle_verified"]
     assert report["generation"]["maps_augmented"] is True

@@ -1,0 +1,208 @@
+"""The evaluation's segmenter: a small MONAI BasicUNet trained to segment label maps, scored by
+per-class foreground Dice, and its bottleneck as the Fréchet feature extractor; which volumes
+each segmenter of the protocol (:mod:`lsdm.fidelity`) trains on and is scored on.
+
+The volumes it reads are :class:`Volumes`: (N, 1, D, H, W) images in [-1, 1] on the model grid
+and (N, D, H, W) label indices into the sorted vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from monai.losses import DiceCELoss
+from monai.networks.nets import BasicUNet
+
+from lsdm.config import LSDMConfig
+from lsdm.data import Cohort, StepBatchSampler, make_dataset
+from lsdm.metrics import foreground_dice
+
+NETWORK = "MONAI BasicUNet (features 8, 8, 16, 32, 32, 8; instance norm)"
+EXTRACTOR = (
+    "bottleneck of a MONAI BasicUNet segmenter trained on the real train split "
+    "(spatial mean of its deepest block)"
+)
+LEARNING_RATE = 2e-3
+BATCH_SIZE = 2
+
+
+@dataclass
+class Volumes:
+    ids: list[str]
+    images: torch.Tensor  # (N, 1, D, H, W) in [-1, 1]
+    labels: torch.Tensor  # (N, D, H, W) index into the vocabulary
+
+    def subset(self, ids: list[str]) -> Volumes:
+        """These volumes' rows for ``ids``, in that order."""
+        index = {sid: i for i, sid in enumerate(self.ids)}
+        rows = [index[i] for i in ids]
+        return Volumes(list(ids), self.images[rows], self.labels[rows])
+
+
+def load_volumes(cohort: Cohort, config: LSDMConfig, ids: list[str]) -> Volumes:
+    """The cohort's subjects ``ids`` through the model's transforms (its grid and scale)."""
+    by_id = {p["id"]: p for p in cohort.pairs}
+    subset = Cohort(cohort.root, cohort.labels, [by_id[i] for i in ids])
+    dataset = make_dataset(subset, config.data)
+    items = [dataset[i] for i in range(len(dataset))]
+    return Volumes(
+        ids=list(ids),
+        images=torch.stack([item["image"].as_tensor() for item in items]),
+        labels=torch.stack([item["map"].as_tensor().argmax(0) for item in items]),
+    )
+
+
+def split_subjects(ids: list[str], seed: int, test_share: float) -> tuple[list[str], list[str]]:
+    """(train ids, test ids): a seeded split with at least one test subject."""
+    order = np.random.default_rng(seed).permutation(len(ids))
+    n_test = max(1, round(test_share * len(ids)))
+    return sorted(ids[i] for i in order[n_test:]), sorted(ids[i] for i in order[:n_test])
+
+
+def make_segmenter(num_labels: int) -> BasicUNet:
+    """A small MONAI BasicUNet (four levels: sides divisible by 16). Upsampling by interpolation:
+    on a CPU the backward pass of 3D transposed convolutions is several times slower."""
+    return BasicUNet(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=num_labels,
+        features=(8, 8, 16, 32, 32, 8),
+        norm=("instance", {"affine": True}),
+        upsample="nontrainable",
+    )
+
+
+def train_segmenter(
+    train: list[Volumes],
+    num_labels: int,
+    steps: int,
+    seed: int,
+    on_step: Callable[[int], None] | None = None,
+    device: torch.device | str = "cpu",
+) -> BasicUNet:
+    """Train on ``device`` (the volumes stay on the CPU, batches move); the model stays there.
+    Dice + cross-entropy, Adam, batches of two drawn by :class:`StepBatchSampler` (seeded)."""
+    torch.manual_seed(seed)
+    model = make_segmenter(num_labels).to(device)
+    images = torch.cat([v.images for v in train])
+    labels = torch.cat([v.labels for v in train])
+    optimiser = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    model.train()
+    for step, batch in enumerate(StepBatchSampler(len(images), BATCH_SIZE, seed, 0, steps)):
+        target = labels[batch].unsqueeze(1).to(device)
+        loss = loss_fn(model(images[batch].to(device)), target)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        if on_step is not None:
+            on_step(step + 1)
+    return model.eval()
+
+
+@dataclass(frozen=True)
+class Split:
+    """Which volumes each segmenter trains on and is scored on (ids)."""
+
+    real_train: list[str]
+    real_test: list[str]
+    synthetic_scored: list[str]  # maps the real segmenter never saw, else all
+    synthetic_train: list[str]  # maps that are not real test maps (TSTR)
+    all_scored: bool  # every synthetic volume came from a real training map
+
+
+def split_volumes(real: Volumes, synthetic: Volumes, seed: int, test_share: float) -> Split:
+    real_train, real_test = split_subjects(real.ids, seed, test_share)
+    seen, tested = set(real_train), set(real_test)
+    unseen = [sid for sid in synthetic.ids if sid not in seen]
+    return Split(
+        real_train=real_train,
+        real_test=real_test,
+        synthetic_scored=unseen or list(synthetic.ids),
+        synthetic_train=[sid for sid in synthetic.ids if sid not in tested],
+        all_scored=not unseen,
+    )
+
+
+@dataclass
+class Segmenters:
+    real: torch.nn.Module  # also the Fréchet feature extractor
+    synthetic: torch.nn.Module | None = None
+    real_plus_synthetic: torch.nn.Module | None = None
+
+
+def train_segmenters(
+    real: Volumes,
+    synthetic: Volumes,
+    split: Split,
+    num_labels: int,
+    steps: int,
+    seed: int,
+    with_synthetic: bool,
+    on_stage: Callable[[str, int], Callable[[int], None] | None] | None = None,
+    device: torch.device | str = "cpu",
+) -> Segmenters:
+    """The real segmenter; ``with_synthetic``, also those trained on synthetic volumes (TSTR)
+    and on both. Each starts from the same seed."""
+    progress = on_stage or (lambda name, total: None)
+
+    def trained(name: str, train: list[Volumes]) -> torch.nn.Module:
+        on_step = progress(f"segmenter: {name}", steps)
+        return train_segmenter(train, num_labels, steps, seed, on_step, device)
+
+    real_train = real.subset(split.real_train)
+    segmenters = Segmenters(real=trained("real", [real_train]))
+    if with_synthetic:
+        synthetic_train = synthetic.subset(split.synthetic_train)
+        segmenters.synthetic = trained("synthetic", [synthetic_train])
+        segmenters.real_plus_synthetic = trained("real+synthetic", [real_train, synthetic_train])
+    return segmenters
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _mean(values: list[float]) -> float | None:
+    present = [v for v in values if not math.isnan(v)]
+    return float(np.mean(present)) if present else None
+
+
+@torch.no_grad()
+def segment_dice(
+    model: BasicUNet, volumes: Volumes, labels: dict[int, str]
+) -> tuple[dict[str, float | None], float | None]:
+    """(per foreground label name, its Dice averaged over the subjects that have one; the mean
+    over the labels that have one). ``None`` where no subject has the label in either map."""
+    vocabulary = sorted(labels)
+    per_subject = []
+    for image, truth in zip(volumes.images, volumes.labels, strict=True):
+        prediction = model(image[None].to(_device_of(model))).argmax(1)[0].cpu()
+        per_subject.append(
+            foreground_dice(prediction.numpy(), truth.numpy(), list(range(len(vocabulary))))
+        )
+    per_class = {
+        labels[label]: _mean([s["per_class"][index] for s in per_subject])
+        for index, label in enumerate(vocabulary)
+        if index > 0
+    }
+    return per_class, _mean([v for v in per_class.values() if v is not None])
+
+
+@torch.no_grad()
+def bottleneck_features(model: BasicUNet, images: torch.Tensor) -> np.ndarray:
+    """(N, C): the UNet's deepest block, averaged over space: the Fréchet feature extractor."""
+    captured = []
+    handle = model.down_4.register_forward_hook(
+        lambda m, i, out: captured.append(out.mean((2, 3, 4)).cpu())
+    )
+    try:
+        for image in images:
+            model(image[None].to(_device_of(model)))
+    finally:
+        handle.remove()
+    return torch.cat(captured).numpy()
