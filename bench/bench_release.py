@@ -40,8 +40,8 @@ from lsdm.release_report import (
     ReleaseDecision,
     ReleaseProvenance,
     build_report,
-    write_report,
 )
+from lsdm.report_html import write_report
 from lsdm.vqgan import VQGAN
 
 

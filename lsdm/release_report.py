@@ -23,7 +23,6 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from lsdm.atomic import atomic_write_text
 from lsdm.bundle import Provenance
 from lsdm.cohort import IMAGES_DIR, MAPS_DIR
 from lsdm.config import LSDMConfig
@@ -133,7 +132,7 @@ def build_report(
     device: torch.device | str = "cpu",
 ) -> ReleaseReport:
     """Measure the dataset in ``synthetic_dir`` and write the report's pictures there; returns
-    the report with ``release`` still empty (see :func:`write_report`)."""
+    the report with ``release`` still empty (see :func:`lsdm.report_html.write_report`)."""
     synthetic_dir = Path(synthetic_dir)
     if len(real.ids) < 3:
         raise InputError(f"the real cohort needs at least 3 subjects, has {len(real.ids)}")
@@ -190,19 +189,6 @@ def build_report(
         fidelity=fidelity,
         memorisation=memorisation,
     )
-
-
-def write_report(report: ReleaseReport, out: Path) -> tuple[Path, Path]:
-    """Write ``report.json`` and ``report.html`` into ``out`` (atomically); the gate must have
-    decided (``report.release``)."""
-    from lsdm.report_html import render_html
-
-    if report.release is None:
-        raise ValueError("the release decision is missing: apply the gate first")
-    out = Path(out)
-    atomic_write_text(out / REPORT_JSON, report.model_dump_json(indent=2))
-    atomic_write_text(out / REPORT_HTML, render_html(report))
-    return out / REPORT_JSON, out / REPORT_HTML
 
 
 def load_report(path: Path) -> ReleaseReport:

@@ -1,17 +1,21 @@
 """``report.html``: a release report (:class:`lsdm.release_report.ReleaseReport`) as one page.
-Reads the report's fields; measures and plots nothing (the pictures are already in ``report/``)."""
+Reads the report's fields; measures and plots nothing (the pictures are already in ``report/``).
+:func:`write_report` writes the report's two files, ``report.json`` and ``report.html``."""
 
 from __future__ import annotations
 
 import html
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
+from lsdm.atomic import atomic_write_text
+from lsdm.release_report import REPORT_HTML, REPORT_JSON, ReleaseDecision, ReleaseReport
+
 if TYPE_CHECKING:
     from lsdm.fidelity import Fidelity
     from lsdm.memorisation import Memorisation
-    from lsdm.release_report import ReleaseDecision, ReleaseReport
 
 CSS = (
     "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
@@ -143,3 +147,14 @@ def render_html(report: ReleaseReport) -> str:
         "</body></html>",
     ]
     return "\n".join(parts) + "\n"
+
+
+def write_report(report: ReleaseReport, out: Path) -> tuple[Path, Path]:
+    """Write ``report.json`` and ``report.html`` into ``out`` (atomically); the gate must have
+    decided (``report.release``)."""
+    if report.release is None:
+        raise ValueError("the release decision is missing: apply the gate first")
+    out = Path(out)
+    atomic_write_text(out / REPORT_JSON, report.model_dump_json(indent=2))
+    atomic_write_text(out / REPORT_HTML, render_html(report))
+    return out / REPORT_JSON, out / REPORT_HTML

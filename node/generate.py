@@ -170,7 +170,8 @@ def generate(
     volumes already there), then build the release report and apply the policy's gate."""
     from lsdm.bundle import load_bundle, load_public_key
     from lsdm.data import open_cohort
-    from lsdm.release_report import Generation, ReleaseProvenance, build_report, write_report
+    from lsdm.release_report import Generation, ReleaseProvenance, build_report
+    from lsdm.report_html import write_report
 
     if (spec.maps is None) == (spec.from_cohort is None):
         raise UserError("give exactly one of --maps DIR or --from-cohort COHORT")
