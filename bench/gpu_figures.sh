@@ -25,6 +25,15 @@ if [ "$DEVICE" = cuda ]; then
 fi
 $PY -c "import torch, monai, opacus; print('torch', torch.__version__, 'monai', monai.__version__, 'opacus', opacus.__version__)"
 
+# FIDELITY=1 runs only the fidelity sweep (issue 15): every diffusion variant of
+# bench/bench_fidelity.py at once on the one GPU, on the tiny preset at 32x64x64. Each variant
+# writes its JSON after every sampling setting, so a run cut by the time limit keeps what it got.
+if [ "${FIDELITY:-0}" = 1 ]; then
+    timeout ${T_FIDELITY:-480} $PY bench/bench_fidelity.py --device "$DEVICE" --parallel 7 \
+        --vqgan-steps 4000 --ldm-steps 3000 --segmenter-steps 2000 --all-samplings \
+        --work /tmp/fidelity --out "$OUT/fidelity_gpu.md" 2>&1 | tee "$OUT/fidelity.log"
+    exit 0
+fi
 # Each log keeps what its benchmark printed, even if the time limit stops it early.
 # DP_ONLY=1 runs only the DP-SGD figures, with the DP variant sites use (the shortest GPU run).
 if [ "${DP_ONLY:-0}" = 1 ]; then
