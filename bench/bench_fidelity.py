@@ -128,13 +128,6 @@ def mean_psnr(real: torch.Tensor, other: torch.Tensor) -> float:
     return float(np.mean([paired_psnr_ssim(r, o)["psnr_db"] for r, o in pairs]))
 
 
-def safe_frechet(a, b) -> float:
-    try:
-        return frechet_distance(a, b)
-    except TypeError:  # MONAI's FID calls scipy's sqrtm with an argument newer SciPy dropped
-        return float("nan")
-
-
 def codebook_use(vqgan: VQGAN, images: torch.Tensor) -> dict:
     device = next(vqgan.parameters()).device
     with torch.no_grad():
@@ -209,7 +202,9 @@ def prepare(args, work: Path) -> dict:
             "dice": dice_of(segmenter, test, reconstructions),
             **map_scores(checker, reconstructions, test.labels),
             "psnr_db": mean_psnr(test.images, reconstructions),
-            "frechet": safe_frechet(real_features, bottleneck_features(segmenter, reconstructions)),
+            "frechet": frechet_distance(
+                real_features, bottleneck_features(segmenter, reconstructions)
+            ),
             **codebook_use(vqgan, test.images),
         },
     }
@@ -281,7 +276,9 @@ def run_variant(args, work: Path, name: str) -> dict:
             "dice": dice_of(segmenter, test, synthetic_test),
             **map_scores(checker, synthetic_test, test.labels),
             "psnr_db": mean_psnr(test.images, synthetic_test),
-            "frechet": safe_frechet(real_features, bottleneck_features(segmenter, synthetic_test)),
+            "frechet": frechet_distance(
+                real_features, bottleneck_features(segmenter, synthetic_test)
+            ),
         }
         if args.tstr_all or (sampling_steps, guidance) in TSTR_SAMPLINGS:
             synthetic_train, _ = synthesise(train)

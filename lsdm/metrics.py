@@ -79,7 +79,18 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
         raise ValueError("a covariance needs at least two feature vectors per set")
     with warnings.catch_warnings():  # MONAI passes scipy's deprecated sqrtm(disp=...)
         warnings.simplefilter("ignore", DeprecationWarning)
-        return float(FIDMetric()(a, b))
+        try:
+            return float(FIDMetric()(a, b))
+        except TypeError:  # a SciPy that has dropped sqrtm's disp argument: the same formula
+            return _frechet_by_formula(a.numpy(), b.numpy())
+
+
+def _frechet_by_formula(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.linalg import sqrtm
+
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = sqrtm(cov_a @ cov_b).real
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
 
 
 def ms_ssim(volume_a: np.ndarray, volume_b: np.ndarray, data_range: float = 2.0) -> float:

@@ -94,3 +94,13 @@ def test_label_intensities_and_map_agreement():
     checker = NearestClassMean().fit([real], [label_map])
     assert checker.balanced_accuracy(real, label_map) == 1.0
     assert checker.balanced_accuracy(real[::-1], label_map) == 0.0
+
+
+def test_frechet_fallback_formula_equals_monai():
+    """The formula used when SciPy no longer takes the argument MONAI passes gives MONAI's value."""
+    from lsdm.metrics import _frechet_by_formula
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(20, 6)), rng.normal(1.0, 2.0, size=(15, 6))
+    assert _frechet_by_formula(a, b) == pytest.approx(frechet_distance(a, b), rel=1e-9)
+    assert _frechet_by_formula(a, a) == pytest.approx(0.0, abs=1e-9)
