@@ -72,6 +72,12 @@ class VQGAN(nn.Module):
         """``(num_embeddings, embedding_dim)``."""
         return self.autoencoder.quantizer.quantizer.embedding.weight
 
+    @property
+    def latent_bound(self) -> float:
+        """Where the scaled latents of the agreed range end: 1 for range-scaled latents (the
+        range's own ends); 4 standard deviations for unit-variance ones."""
+        return 1.0 if self.config.latent_scaling == "range" else 4.0
+
     def latent_shape(self, volume_shape: tuple[int, int, int]) -> tuple[int, int, int, int]:
         """``(E, d, h, w)``: the latent of a ``(D, H, W)`` volume."""
         return (self.config.embedding_dim, *(n // VQGAN_DOWNSAMPLING for n in volume_shape))

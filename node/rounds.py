@@ -177,13 +177,16 @@ def diffusion_round(
 
     started, dp = _begin(site, config)
     settings = model_config(config)
-    encoded = _encoded(site, _frozen_vqgan(settings, vqgan_weights), vqgan_weights, settings)
+    vqgan = _frozen_vqgan(settings, vqgan_weights)
+    encoded, latent_bound = _encoded(site, vqgan, vqgan_weights, settings), vqgan.latent_bound
+    del vqgan  # only its latents are needed from here on
     ldm = build_ldm(settings, len(site.cohort.labels))
     ldm.load_state_dict(weights)
     batch_size, num_items = settings.diffusion.batch_size, len(encoded.latents)
     history = []
     if dp:
-        encoded.latents.clamp_(-1.0, 1.0)  # the agreed range, not one computed from our data
+        # the agreed range, not one computed from our data
+        encoded.latents.clamp_(-latent_bound, latent_bound)
 
         def step(indices: list[int], private, i: int) -> None:
             private_ldm_step(ldm, *encoded.batch(indices, "cpu"), private)
