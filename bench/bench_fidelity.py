@@ -33,7 +33,6 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,11 +41,17 @@ from safetensors.torch import load_file, save_file
 
 from lsdm.checkpoint import checkpoint_identity, save_checkpoint
 from lsdm.config import LSDMConfig, preset
-from lsdm.data import make_dataset, open_cohort
+from lsdm.data import open_cohort
 from lsdm.generate import Generator
 from lsdm.metrics import NearestClassMean, frechet_distance, paired_psnr_ssim
 from lsdm.phantom import PHANTOM_LABELS, write_cohort
-from lsdm.segmenter import Volumes, bottleneck_features, segment_dice, train_segmenter
+from lsdm.segmenter import (
+    Volumes,
+    bottleneck_features,
+    load_volumes,
+    segment_dice,
+    train_segmenter,
+)
 from lsdm.train_ldm import train_ldm
 from lsdm.train_vqgan import train_vqgan
 from lsdm.vqgan import VQGAN, load_vqgan, reconstruct
@@ -80,27 +85,21 @@ def evaluations(steps: int, guidance: float) -> int:
     return steps * (1 if guidance in (0.0, 1.0) else 2)
 
 
-@dataclass
-class Split:
-    images: torch.Tensor  # (N, 1, D, H, W) in [-1, 1]
-    labels: torch.Tensor  # (N, D, H, W) label index
-
-    @staticmethod
-    def load(path: Path) -> Split:
-        return Split(**load_file(path))
-
-    def volumes(self, images: torch.Tensor | None = None) -> Volumes:
-        images = self.images if images is None else images
-        return Volumes([str(i) for i in range(len(images))], images, self.labels)
+def load_split(cohort_dir: Path, config: LSDMConfig) -> Volumes:
+    """A cohort's volumes on the model's grid and scale (the evaluation's own loader)."""
+    cohort = open_cohort(cohort_dir)
+    return load_volumes(cohort, config, cohort.ids)
 
 
-def load_split(cohort_dir: Path, config: LSDMConfig) -> Split:
-    dataset = make_dataset(open_cohort(cohort_dir), config.data)
-    items = [dataset[i] for i in range(len(dataset))]
-    return Split(
-        torch.stack([item["image"].as_tensor() for item in items]),
-        torch.stack([item["map"].as_tensor().argmax(0) for item in items]).to(torch.uint8),
-    )
+def load_saved(path: Path) -> Volumes:
+    """Volumes that :func:`prepare` saved, for the variant processes."""
+    tensors = load_file(path)
+    return Volumes([str(i) for i in range(len(tensors["images"]))], **tensors)
+
+
+def with_images(volumes: Volumes, images: torch.Tensor) -> Volumes:
+    """``volumes``' subjects and maps with other images (reconstructed or synthetic)."""
+    return Volumes(volumes.ids, images, volumes.labels)
 
 
 def map_scores(checker: NearestClassMean, images: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -118,8 +117,9 @@ def map_scores(checker: NearestClassMean, images: torch.Tensor, labels: torch.Te
     }
 
 
-def dice_of(segmenter, split: Split, images: torch.Tensor | None = None) -> dict:
-    per_class, mean = segment_dice(segmenter, split.volumes(images), PHANTOM_LABELS)
+def dice_of(segmenter, volumes: Volumes, images: torch.Tensor | None = None) -> dict:
+    scored = volumes if images is None else with_images(volumes, images)
+    per_class, mean = segment_dice(segmenter, scored, PHANTOM_LABELS)
     return {"mean": mean, "per_class": per_class}
 
 
@@ -187,9 +187,7 @@ def prepare(args, work: Path) -> dict:
     )
 
     started = time.perf_counter()
-    segmenter = train_segmenter(
-        [train.volumes()], len(PHANTOM_LABELS), args.segmenter_steps, 0, None, device
-    )
+    segmenter = train_segmenter([train], len(PHANTOM_LABELS), args.segmenter_steps, 0, None, device)
     segmenter_seconds = time.perf_counter() - started
     save_checkpoint(work / "segmenter.safetensors", {"segmenter": segmenter})
     checker = NearestClassMean().fit(list(train.images[:, 0].numpy()), list(train.labels.numpy()))
@@ -238,8 +236,8 @@ def run_variant(args, work: Path, name: str) -> dict:
     train_ldm(open_cohort(work / "train"), vqgan_checkpoint, config, out, device=device)
     ldm_seconds = time.perf_counter() - started
     generator = Generator.from_checkpoints(vqgan_checkpoint, out / "checkpoint.safetensors", device)
-    train, test = Split.load(work / "train.safetensors"), Split.load(work / "test.safetensors")
-    segmenter = train_segmenter([train.volumes()], len(PHANTOM_LABELS), 1, 0, None, device)
+    train, test = load_saved(work / "train.safetensors"), load_saved(work / "test.safetensors")
+    segmenter = train_segmenter([train], len(PHANTOM_LABELS), 1, 0, None, device)
     from lsdm.checkpoint import load_checkpoint
 
     load_checkpoint(work / "segmenter.safetensors", {"segmenter": segmenter}, device=device)
@@ -250,7 +248,7 @@ def run_variant(args, work: Path, name: str) -> dict:
     results = {"ldm_steps": steps, "ldm_seconds": ldm_seconds, "samplings": []}
     for sampling_steps, guidance in samplings:
 
-        def synthesise(split: Split, steps=sampling_steps, guidance=guidance):
+        def synthesise(split: Volumes, steps=sampling_steps, guidance=guidance):
             t0 = time.perf_counter()
             maps = torch.nn.functional.one_hot(split.labels.long(), len(PHANTOM_LABELS))
             maps = maps.permute(0, 4, 1, 2, 3).float()
@@ -283,7 +281,7 @@ def run_variant(args, work: Path, name: str) -> dict:
         if args.tstr_all or (sampling_steps, guidance) in TSTR_SAMPLINGS:
             synthetic_train, _ = synthesise(train)
             tstr = train_segmenter(
-                [train.volumes(synthetic_train)],
+                [with_images(train, synthetic_train)],
                 len(PHANTOM_LABELS),
                 args.segmenter_steps,
                 0,

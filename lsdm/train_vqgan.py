@@ -60,6 +60,8 @@ def train_vqgan(
         [dataset[i]["image"] for i in range(min(CALIBRATION_SUBJECTS, len(dataset)))]
     ).to(device)
 
+    label_balanced = config.vqgan.recon_label_balance > 0  # only then does the loss read maps
+
     def save(step: int) -> None:
         model.calibrate_latent_scale(calibration)
         metadata = {"kind": "vqgan", "step": step, **checkpoint_identity(config, cohort.labels)}
@@ -72,7 +74,11 @@ def train_vqgan(
         steps,
         make_loader(dataset, config.data, seed, start, steps),
         lambda step, batch: train_step(
-            model, batch["image"].to(device), optimisers, step, batch["map"].to(device)
+            model,
+            batch["image"].to(device),
+            optimisers,
+            step,
+            batch["map"].to(device) if label_balanced else None,
         ),
         save,
         config.data.batch_size,

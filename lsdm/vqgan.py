@@ -91,20 +91,19 @@ class VQGAN(nn.Module):
         self.eval()
         z = torch.cat([self.autoencoder.encode(chunk) for chunk in images.split(2)])
         self.train(was_training)
-        z = z.transpose(0, 1).flatten(1)
-        if self.config.latent_scaling == "std":
-            mean, std = z.mean(dim=1), z.std(dim=1)
-            return mean - std, mean + std
-        return z.min(dim=1).values, z.max(dim=1).values
+        return self._scaling_range(z.transpose(0, 1).flatten(1))
 
     def codebook_latent_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The same statistic of the codebook's vectors: a range that reads no data (for a
         federation whose sites are all private)."""
-        codes = self.codebook.detach()
+        return self._scaling_range(self.codebook.detach().T)
+
+    def _scaling_range(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(low, high)`` per row of ``values`` ``(E, N)``, by ``config.latent_scaling``."""
         if self.config.latent_scaling == "std":
-            mean, std = codes.mean(dim=0), codes.std(dim=0)
+            mean, std = values.mean(dim=1), values.std(dim=1)
             return mean - std, mean + std
-        return codes.min(dim=0).values, codes.max(dim=0).values
+        return values.min(dim=1).values, values.max(dim=1).values
 
     @torch.no_grad()
     def set_latent_range(self, low: torch.Tensor, high: torch.Tensor) -> None:

@@ -118,12 +118,17 @@ def vqgan_round(site: Site, config: RoundConfig, weights: State) -> tuple[State,
     model.load_state_dict(weights)
     dataset = make_dataset(site.cohort, settings.data)
     start, steps = config.step_offset, config.local_steps
+    label_balanced = settings.vqgan.recon_label_balance > 0  # only then does the loss read maps
     if dp:
         empty = torch.zeros((0, 1, *settings.data.shape))
 
         def step(indices: list[int], private, i: int) -> None:
             images = torch.stack([dataset[j]["image"] for j in indices]) if indices else empty
-            maps = torch.stack([dataset[j]["map"] for j in indices]) if indices else None
+            maps = (
+                torch.stack([dataset[j]["map"] for j in indices])
+                if indices and label_balanced
+                else None
+            )
             private_vqgan_step(model, images, private, start + i, maps)
 
         make_private = partial(make_private_vqgan, model)
@@ -135,7 +140,13 @@ def vqgan_round(site: Site, config: RoundConfig, weights: State) -> tuple[State,
         optimisers = vq.make_optimisers(model)
         loader = make_loader(dataset, settings.data, config.seed, start, start + steps)
         history = [
-            vq.train_step(model, batch["image"], optimisers, start + i, batch["map"])
+            vq.train_step(
+                model,
+                batch["image"],
+                optimisers,
+                start + i,
+                batch["map"] if label_balanced else None,
+            )
             for i, batch in enumerate(loader)
         ]
     return model.state_dict(), _reply(len(dataset), history, started, dp)
