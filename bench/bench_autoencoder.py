@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_fidelity import codebook_use, load_split
+from bench_fidelity import VQGAN_VARIANTS, codebook_use, load_split
 
 from lsdm.config import preset
 from lsdm.data import open_cohort
@@ -33,12 +33,7 @@ from lsdm.phantom import PHANTOM_LABELS, write_cohort
 from lsdm.train_vqgan import train_vqgan
 from lsdm.vqgan import reconstruct
 
-VARIANTS: dict[str, dict] = {
-    "tiny": {},
-    "label_balance_0.5": {"recon_label_balance": 0.5},
-    "embedding_dim_8": {"embedding_dim": 8},
-    "label_balance_0.5_dim_8": {"recon_label_balance": 0.5, "embedding_dim": 8},
-}
+VARIANTS = VQGAN_VARIANTS
 
 
 def per_label_recall(checker: NearestClassMean, images: torch.Tensor, labels: torch.Tensor):

@@ -39,16 +39,18 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from lsdm.checkpoint import checkpoint_identity, save_checkpoint
+from lsdm.checkpoint import checkpoint_identity, load_checkpoint, save_checkpoint
 from lsdm.config import LSDMConfig, preset
 from lsdm.data import open_cohort
 from lsdm.generate import Generator
 from lsdm.metrics import NearestClassMean, frechet_distance, paired_psnr_ssim
 from lsdm.phantom import PHANTOM_LABELS, write_cohort
 from lsdm.segmenter import (
+    SegmenterRecipe,
     Volumes,
     bottleneck_features,
     load_volumes,
+    make_segmenter,
     segment_dice,
     train_segmenter,
 )
@@ -76,9 +78,33 @@ VARIANTS: dict[str, tuple[str, dict, float]] = {
         1,
     ),
 }
+# VQ-GAN overrides of the tiny preset, by name (bench/bench_autoencoder.py compares them alone)
+VQGAN_VARIANTS: dict[str, dict] = {
+    "tiny": {},
+    "label_balance_0.5": {"recon_label_balance": 0.5},
+    "embedding_dim_8": {"embedding_dim": 8},
+    "label_balance_0.5_dim_8": {"recon_label_balance": 0.5, "embedding_dim": 8},
+    "wide_label_balance_0.5": {
+        "recon_label_balance": 0.5,
+        "channels": (32, 64),
+        "num_res_channels": (32, 64),
+    },
+}
+# The protocol's segmenter, by name: the first sweep's, and the one bench/bench_segmenter.py chose
+SEGMENTER_RECIPES: dict[str, SegmenterRecipe] = {
+    "first_sweep": SegmenterRecipe(),
+    "f16_b4_cosine_batch_dice": SegmenterRecipe(
+        features=(16, 16, 32, 64, 64, 16), batch_size=4, cosine=True, batch_dice=True
+    ),
+}
 # (sampling steps, guidance scale); UNet evaluations per volume: steps, twice that with guidance
 SAMPLINGS = [(25, 1.5), (10, 1.5), (5, 1.5), (10, 1.0), (5, 1.0)]
 TSTR_SAMPLINGS = [(25, 1.5), (5, 1.5)]  # the default and the best candidate at <= 10 evaluations
+
+
+def sampling(text: str) -> tuple[int, float]:
+    steps, guidance = text.split("x")
+    return int(steps), float(guidance)
 
 
 def evaluations(steps: int, guidance: float) -> int:
@@ -187,7 +213,9 @@ def prepare(args, work: Path) -> dict:
     )
 
     started = time.perf_counter()
-    segmenter = train_segmenter([train], len(PHANTOM_LABELS), args.segmenter_steps, 0, None, device)
+    segmenter = train_segmenter(
+        [train], len(PHANTOM_LABELS), args.segmenter_steps, 0, None, device, recipe(args)
+    )
     segmenter_seconds = time.perf_counter() - started
     save_checkpoint(work / "segmenter.safetensors", {"segmenter": segmenter})
     checker = NearestClassMean().fit(list(train.images[:, 0].numpy()), list(train.labels.numpy()))
@@ -210,9 +238,14 @@ def prepare(args, work: Path) -> dict:
     return result
 
 
+def recipe(args) -> SegmenterRecipe:
+    return SEGMENTER_RECIPES[getattr(args, "segmenter_recipe", "first_sweep")]
+
+
 def protocol_config(args) -> LSDMConfig:
     return preset("tiny").with_overrides(
         data={"shape": tuple(args.shape)},
+        vqgan=VQGAN_VARIANTS[getattr(args, "vqgan_variant", "tiny")],
         train={
             "vqgan_steps": args.vqgan_steps,
             "ldm_steps": args.ldm_steps,
@@ -237,14 +270,12 @@ def run_variant(args, work: Path, name: str) -> dict:
     ldm_seconds = time.perf_counter() - started
     generator = Generator.from_checkpoints(vqgan_checkpoint, out / "checkpoint.safetensors", device)
     train, test = load_saved(work / "train.safetensors"), load_saved(work / "test.safetensors")
-    segmenter = train_segmenter([train], len(PHANTOM_LABELS), 1, 0, None, device)
-    from lsdm.checkpoint import load_checkpoint
-
+    segmenter = make_segmenter(len(PHANTOM_LABELS), recipe(args)).to(device)
     load_checkpoint(work / "segmenter.safetensors", {"segmenter": segmenter}, device=device)
     segmenter.eval()
     checker = NearestClassMean().fit(list(train.images[:, 0].numpy()), list(train.labels.numpy()))
     real_features = bottleneck_features(segmenter, test.images)
-    samplings = SAMPLINGS if args.all_samplings else SAMPLINGS[:1] + [(5, 1.5)]
+    samplings = args.samplings or (SAMPLINGS if args.all_samplings else SAMPLINGS[:1] + [(5, 1.5)])
     results = {"ldm_steps": steps, "ldm_seconds": ldm_seconds, "samplings": []}
     for sampling_steps, guidance in samplings:
 
@@ -278,7 +309,12 @@ def run_variant(args, work: Path, name: str) -> dict:
                 real_features, bottleneck_features(segmenter, synthetic_test)
             ),
         }
-        if args.tstr_all or (sampling_steps, guidance) in TSTR_SAMPLINGS:
+        with_tstr = (
+            (sampling_steps, guidance) == samplings[0]
+            if args.samplings
+            else (sampling_steps, guidance) in TSTR_SAMPLINGS
+        )
+        if args.tstr_all or with_tstr:
             synthetic_train, _ = synthesise(train)
             tstr = train_segmenter(
                 [with_images(train, synthetic_train)],
@@ -287,6 +323,7 @@ def run_variant(args, work: Path, name: str) -> dict:
                 0,
                 None,
                 device,
+                recipe(args),
             )
             row["tstr"] = dice_of(tstr, test)
         results["samplings"].append(row)
@@ -367,6 +404,17 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=1, help="variant processes at once")
     parser.add_argument("--all-samplings", action="store_true")
     parser.add_argument("--tstr-all", action="store_true", help="TSTR for every sampling setting")
+    parser.add_argument("--vqgan-variant", default="tiny", choices=list(VQGAN_VARIANTS))
+    parser.add_argument(
+        "--segmenter-recipe", default="first_sweep", choices=list(SEGMENTER_RECIPES)
+    )
+    parser.add_argument(
+        "--samplings",
+        nargs="+",
+        type=sampling,
+        help="sampling settings STEPSxGUIDANCE in the order to run them, e.g. 5x1.5 25x1.5; "
+        "TSTR for the first only (unless --tstr-all)",
+    )
     parser.add_argument("--only-variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
     work = args.work
@@ -392,8 +440,10 @@ def main() -> None:
         f"# Fidelity protocol\n\n`{' '.join(['bench/bench_fidelity.py', *sys.argv[1:]])}`\n\n"
         f"Machine: {device_name}, torch {torch.__version__}; {args.train_subjects} training and "
         f"{args.test_subjects} test phantom subjects at {'x'.join(map(str, args.shape))}; VQ-GAN "
-        f"{args.vqgan_steps} steps ({prepared['vqgan_seconds']:.0f} s), segmenters "
-        f"{args.segmenter_steps} steps ({prepared['segmenter_seconds']:.0f} s each); codebook use "
+        f"{args.vqgan_steps} steps ({prepared['vqgan_seconds']:.0f} s; overrides of the tiny "
+        f"preset: {VQGAN_VARIANTS[args.vqgan_variant] or 'none'}), segmenters "
+        f"({recipe(args).describe()}) {args.segmenter_steps} steps "
+        f"({prepared['segmenter_seconds']:.0f} s each); codebook use "
         f"{prepared['reconstructed']['codes_used_share']:.3f} of the codes, perplexity "
         f"{prepared['reconstructed']['perplexity']:.1f}; "
         f"whole run {time.perf_counter() - started:.0f} s.\n\n" + table(prepared, variants)

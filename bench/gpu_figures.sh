@@ -34,6 +34,30 @@ if [ "${FIDELITY:-0}" = 1 ]; then
         --work /tmp/fidelity --out "$OUT/fidelity_gpu.md" 2>&1 | tee "$OUT/fidelity.log"
     exit 0
 fi
+# SEGMENTER=1 (issue 15, second sweep): the protocol's segmenter recipes (bench_segmenter.py) and,
+# at once, the fidelity protocol with the strongest guess of a recipe for three VQ-GANs. Each
+# benchmark's work folder keeps a JSON per finished part; they are copied to $OUT at the end.
+if [ "${SEGMENTER:-0}" = 1 ]; then
+    recipes=("f8 2000 (first sweep)" "f8 2000 batch dice" "f16 4000" "f16 4000 b4 cosine batch dice"
+        "f16 4000 b4 cosine batch dice flip" "f32 4000 b4 cosine batch dice")
+    timeout ${T_FIDELITY:-500} $PY bench/bench_segmenter.py --device "$DEVICE" --parallel 6 \
+        --recipes "${recipes[@]}" --work /tmp/segmenter --steps-scale ${SCALE:-1} \
+        --shape ${SHAPE:-32 64 64} --out "$OUT/segmenter_gpu.md" > "$OUT/segmenter.log" 2>&1 &
+    for vqgan in ${VQGANS:-tiny label_balance_0.5 wide_label_balance_0.5}; do
+        timeout ${T_FIDELITY:-500} $PY bench/bench_fidelity.py --device "$DEVICE" --variants area \
+            --vqgan-variant "$vqgan" --segmenter-recipe f16_b4_cosine_batch_dice \
+            --vqgan-steps ${VQGAN_STEPS:-4000} --ldm-steps ${LDM_STEPS:-3000} \
+            --segmenter-steps ${SEGMENTER_STEPS:-3000} --samplings 5x1.5 25x1.5 --shape ${SHAPE:-32 64 64} \
+            --work "/tmp/fidelity_$vqgan" --out "$OUT/fidelity_gpu_$vqgan.md" \
+            > "$OUT/fidelity_$vqgan.log" 2>&1 &
+    done
+    wait
+    for work in /tmp/segmenter /tmp/fidelity_*; do
+        mkdir -p "$OUT/json/$(basename "$work")" && cp "$work"/*.json "$OUT/json/$(basename "$work")/"
+    done
+    tail -n 30 "$OUT"/*.log
+    exit 0
+fi
 # Each log keeps what its benchmark printed, even if the time limit stops it early.
 # DP_ONLY=1 runs only the DP-SGD figures, with the DP variant sites use (the shortest GPU run).
 if [ "${DP_ONLY:-0}" = 1 ]; then

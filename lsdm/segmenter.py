@@ -21,13 +21,41 @@ from lsdm.config import LSDMConfig
 from lsdm.data import Cohort, StepBatchSampler, make_dataset
 from lsdm.metrics import foreground_dice
 
-NETWORK = "MONAI BasicUNet (features 8, 8, 16, 32, 32, 8; instance norm)"
 EXTRACTOR = (
     "bottleneck of a MONAI BasicUNet segmenter trained on the real train split "
     "(spatial mean of its deepest block)"
 )
-LEARNING_RATE = 2e-3
-BATCH_SIZE = 2
+
+
+@dataclass(frozen=True)
+class SegmenterRecipe:
+    """How a segmenter is built and trained, all but its number of steps.
+
+    ``batch_dice`` computes the Dice loss over the whole batch instead of per volume: a label
+    absent from one volume (a lesion) then does not reward predicting nothing, nor punish one
+    stray voxel with a full loss. ``cosine`` decays the learning rate to zero over the steps.
+    ``flip`` mirrors a random half of the batches left-right (the phantoms' anatomy is
+    bilateral)."""
+
+    features: tuple[int, ...] = (8, 8, 16, 32, 32, 8)
+    batch_size: int = 2
+    learning_rate: float = 2e-3
+    cosine: bool = False
+    batch_dice: bool = False
+    flip: bool = False
+
+    def describe(self) -> str:
+        return (
+            f"MONAI BasicUNet (features {', '.join(map(str, self.features))}; instance norm), "
+            f"batches of {self.batch_size}, Adam at {self.learning_rate:g}"
+            + (" with cosine decay" if self.cosine else "")
+            + (", Dice over the batch" if self.batch_dice else "")
+            + (", left-right flips" if self.flip else "")
+        )
+
+
+DEFAULT_RECIPE = SegmenterRecipe()
+NETWORK = DEFAULT_RECIPE.describe()
 
 
 @dataclass
@@ -63,14 +91,14 @@ def split_subjects(ids: list[str], seed: int, test_share: float) -> tuple[list[s
     return sorted(ids[i] for i in order[n_test:]), sorted(ids[i] for i in order[:n_test])
 
 
-def make_segmenter(num_labels: int) -> BasicUNet:
+def make_segmenter(num_labels: int, recipe: SegmenterRecipe = DEFAULT_RECIPE) -> BasicUNet:
     """A small MONAI BasicUNet (four levels: sides divisible by 16). Upsampling by interpolation:
     on a CPU the backward pass of 3D transposed convolutions is several times slower."""
     return BasicUNet(
         spatial_dims=3,
         in_channels=1,
         out_channels=num_labels,
-        features=(8, 8, 16, 32, 32, 8),
+        features=recipe.features,
         norm=("instance", {"affine": True}),
         upsample="nontrainable",
     )
@@ -83,22 +111,32 @@ def train_segmenter(
     seed: int,
     on_step: Callable[[int], None] | None = None,
     device: torch.device | str = "cpu",
+    recipe: SegmenterRecipe = DEFAULT_RECIPE,
 ) -> BasicUNet:
     """Train on ``device`` (the volumes stay on the CPU, batches move); the model stays there.
-    Dice + cross-entropy, Adam, batches of two drawn by :class:`StepBatchSampler` (seeded)."""
+    Dice + cross-entropy, Adam, batches drawn by :class:`StepBatchSampler` (seeded)."""
     torch.manual_seed(seed)
-    model = make_segmenter(num_labels).to(device)
+    model = make_segmenter(num_labels, recipe).to(device)
     images = torch.cat([v.images for v in train])
     labels = torch.cat([v.labels for v in train])
-    optimiser = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    optimiser = torch.optim.Adam(model.parameters(), lr=recipe.learning_rate)
+    schedule = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps) if recipe.cosine else None
+    )
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=recipe.batch_dice)
+    flips = torch.Generator().manual_seed(seed)
     model.train()
-    for step, batch in enumerate(StepBatchSampler(len(images), BATCH_SIZE, seed, 0, steps)):
-        target = labels[batch].unsqueeze(1).to(device)
-        loss = loss_fn(model(images[batch].to(device)), target)
+    batches = StepBatchSampler(len(images), recipe.batch_size, seed, 0, steps)
+    for step, batch in enumerate(batches):
+        image, target = images[batch].to(device), labels[batch].unsqueeze(1).to(device)
+        if recipe.flip and torch.rand((), generator=flips) < 0.5:
+            image, target = image.flip(2), target.flip(2)  # axis 0 of the volume: R-L
+        loss = loss_fn(model(image), target)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
+        if schedule is not None:
+            schedule.step()
         if on_step is not None:
             on_step(step + 1)
     return model.eval()
@@ -145,6 +183,7 @@ def train_segmenters(
     with_synthetic: bool,
     on_stage: Callable[[str, int], Callable[[int], None] | None] | None = None,
     device: torch.device | str = "cpu",
+    recipe: SegmenterRecipe = DEFAULT_RECIPE,
 ) -> Segmenters:
     """The real segmenter; ``with_synthetic``, also those trained on synthetic volumes (TSTR)
     and on both. Each starts from the same seed."""
@@ -152,7 +191,7 @@ def train_segmenters(
 
     def trained(name: str, train: list[Volumes]) -> torch.nn.Module:
         on_step = progress(f"segmenter: {name}", steps)
-        return train_segmenter(train, num_labels, steps, seed, on_step, device)
+        return train_segmenter(train, num_labels, steps, seed, on_step, device, recipe)
 
     real_train = real.subset(split.real_train)
     segmenters = Segmenters(real=trained("real", [real_train]))
