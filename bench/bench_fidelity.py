@@ -92,6 +92,7 @@ VQGAN_VARIANTS: dict[str, dict] = {
 }
 # The protocol's segmenter, by name: the first sweep's, and the one bench/bench_segmenter.py chose
 SEGMENTER_RECIPES: dict[str, SegmenterRecipe] = {
+    "f16": SegmenterRecipe(features=(16, 16, 32, 64, 64, 16)),  # 0.73 on real at 4000 steps
     "first_sweep": SegmenterRecipe(),
     "f16_b4_cosine_batch_dice": SegmenterRecipe(
         features=(16, 16, 32, 64, 64, 16), batch_size=4, cosine=True, batch_dice=True
@@ -239,7 +240,7 @@ def prepare(args, work: Path) -> dict:
 
 
 def recipe(args) -> SegmenterRecipe:
-    return SEGMENTER_RECIPES[getattr(args, "segmenter_recipe", "first_sweep")]
+    return SEGMENTER_RECIPES[getattr(args, "segmenter_recipe", "f16")]
 
 
 def protocol_config(args) -> LSDMConfig:
@@ -399,15 +400,13 @@ def main() -> None:
     parser.add_argument("--test-subjects", type=int, default=12)
     parser.add_argument("--vqgan-steps", type=int, default=4000)
     parser.add_argument("--ldm-steps", type=int, default=3000)
-    parser.add_argument("--segmenter-steps", type=int, default=1000)
+    parser.add_argument("--segmenter-steps", type=int, default=4000)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--parallel", type=int, default=1, help="variant processes at once")
     parser.add_argument("--all-samplings", action="store_true")
     parser.add_argument("--tstr-all", action="store_true", help="TSTR for every sampling setting")
     parser.add_argument("--vqgan-variant", default="tiny", choices=list(VQGAN_VARIANTS))
-    parser.add_argument(
-        "--segmenter-recipe", default="first_sweep", choices=list(SEGMENTER_RECIPES)
-    )
+    parser.add_argument("--segmenter-recipe", default="f16", choices=list(SEGMENTER_RECIPES))
     parser.add_argument(
         "--samplings",
         nargs="+",

@@ -179,7 +179,9 @@ def _render_image(rng, shape, spacing, label_map, body, y, chest_wall) -> np.nda
         1: rng.uniform(0.70, 0.82),
         2: rng.uniform(0.30, 0.45),
         3: rng.uniform(0.88, 1.00),
-        4: rng.uniform(0.52, 0.66),
+        # Enhancing, as in contrast-enhanced breast MRI. A mid-grey lesion (once 0.52-0.66) reads
+        # as a blurred fat/fibroglandular boundary: no segmenter found it (segmenter_gpu.md).
+        4: rng.uniform(1.00, 1.15),
     }
     texture = _smooth_noise(rng, shape, rng.uniform(2.0, 5.0), spacing)
     image = np.zeros(shape, dtype=np.float64)
