@@ -17,6 +17,7 @@ scores the reconstructions of the test subjects:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import time
@@ -24,14 +25,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_fidelity import VQGAN_VARIANTS, codebook_use, load_split
+from bench_fidelity import VQGAN_VARIANTS, load_split
 
 from lsdm.config import preset
 from lsdm.data import open_cohort
 from lsdm.metrics import NearestClassMean, paired_psnr_ssim
 from lsdm.phantom import PHANTOM_LABELS, write_cohort
 from lsdm.train_vqgan import train_vqgan
-from lsdm.vqgan import reconstruct
+from lsdm.vqgan import codebook_use, reconstruct
 
 VARIANTS = VQGAN_VARIANTS
 
@@ -97,7 +98,7 @@ def main() -> None:
             **per_label_recall(checker, recon, test.labels),
             "psnr_db": float(psnr),
             "seconds": seconds,
-            **codebook_use(model, test.images),
+            **dataclasses.asdict(codebook_use(model, test.images)),
         }
         print(name, json.dumps(rows[name]), flush=True)
     classes = list(rows["real test images"]["recall"])

@@ -26,6 +26,7 @@ against another's; every figure is printed beside those of real images, in the s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -56,7 +57,7 @@ from lsdm.segmenter import (
 )
 from lsdm.train_ldm import train_ldm
 from lsdm.train_vqgan import train_vqgan
-from lsdm.vqgan import VQGAN, load_vqgan, reconstruct
+from lsdm.vqgan import VQGAN, codebook_use, load_vqgan, reconstruct
 
 WIDE = {"channels": (32, 64), "num_res_blocks": 2, "spade_channels": 32}
 # name -> (VQ-GAN latent scaling, diffusion overrides, multiple of --ldm-steps)
@@ -93,6 +94,10 @@ VQGAN_VARIANTS: dict[str, dict] = {
 # The protocol's segmenter, by name: the first sweep's, and the one bench/bench_segmenter.py chose
 SEGMENTER_RECIPES: dict[str, SegmenterRecipe] = {
     "f16": SegmenterRecipe(features=(16, 16, 32, 64, 64, 16)),  # 0.73 on real at 4000 steps
+    # the same on class-balanced crops, channels-last: about 3x faster a step on a CPU
+    "f16_crops": SegmenterRecipe(
+        features=(16, 16, 32, 64, 64, 16), crop=(32, 32, 32), channels_last=True
+    ),
     "first_sweep": SegmenterRecipe(),
     "f16_b4_cosine_batch_dice": SegmenterRecipe(
         features=(16, 16, 32, 64, 64, 16), batch_size=4, cosine=True, batch_dice=True
@@ -155,23 +160,6 @@ def mean_psnr(real: torch.Tensor, other: torch.Tensor) -> float:
     return float(np.mean([paired_psnr_ssim(r, o)["psnr_db"] for r, o in pairs]))
 
 
-def codebook_use(vqgan: VQGAN, images: torch.Tensor) -> dict:
-    device = next(vqgan.parameters()).device
-    with torch.no_grad():
-        indices = torch.cat(
-            [
-                vqgan.autoencoder.index_quantize(c.to(device)).flatten().cpu()
-                for c in images.split(4)
-            ]
-        )
-    counts = torch.bincount(indices, minlength=vqgan.config.num_embeddings).double()
-    p = counts[counts > 0] / counts.sum()
-    return {
-        "codes_used_share": float((counts > 0).double().mean()),
-        "perplexity": float(torch.exp(-(p * p.log()).sum())),
-    }
-
-
 def prepare(args, work: Path) -> dict:
     """Cohorts, the VQ-GAN (and its std-scaled twin), the real segmenter and the real figures."""
     device = torch.device(args.device)
@@ -232,7 +220,7 @@ def prepare(args, work: Path) -> dict:
             "frechet": frechet_distance(
                 real_features, bottleneck_features(segmenter, reconstructions)
             ),
-            **codebook_use(vqgan, test.images),
+            **dataclasses.asdict(codebook_use(vqgan, test.images)),
         },
     }
     (work / "prepared.json").write_text(json.dumps(result, indent=2))

@@ -53,6 +53,14 @@ class VQGANConfig(_Strict):
     embedding_dim: int = Field(4, ge=1, description="latent channels")
     commitment_cost: float = 0.25
     codebook_decay: float = Field(0.99, gt=0, lt=1, description="EMA decay of the codebook")
+    dead_code_restart: float = Field(
+        0.01,
+        ge=0,
+        lt=1,
+        description="a code whose moving-average use falls below this share of the mean code's "
+        "is moved onto an encoding of the current batch (0: never; without it a short run "
+        "collapses onto a few codes)",
+    )
     disc_channels: int = 16
     disc_layers: int = Field(2, ge=1)
     adversarial_loss: Literal["hinge", "least_squares"] = "hinge"
@@ -106,7 +114,12 @@ class DiffusionConfig(_Strict):
     schedule: Literal["linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine"] = "cosine"
     condition_dropout: float = Field(0.2, ge=0, le=1, description="share of null-map samples")
     guidance_scale: float = Field(1.5, ge=0, description="classifier-free guidance at sampling")
-    sampling_steps: int = Field(25, ge=1)
+    sampling_steps: int = Field(
+        5,
+        ge=1,
+        description="solver steps per volume (x2 UNet evaluations with guidance); 5 rectified-"
+        "flow steps scored as 25 on the fidelity protocol (bench/results/fidelity_cpu*.md)",
+    )
     ema_decay: float = Field(0.995, gt=0, lt=1)
     batch_size: int = Field(8, ge=1)
     lr: float = 1e-3

@@ -14,8 +14,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.networks.nets import BasicUNet
+from monai.transforms import RandCropByLabelClasses
+from monai.transforms.utils import map_classes_to_indices
 
 from lsdm.config import LSDMConfig
 from lsdm.data import Cohort, StepBatchSampler, make_dataset
@@ -35,7 +38,10 @@ class SegmenterRecipe:
     absent from one volume (a lesion) then does not reward predicting nothing, nor punish one
     stray voxel with a full loss. ``cosine`` decays the learning rate to zero over the steps.
     ``flip`` mirrors a random half of the batches left-right (the phantoms' anatomy is
-    bilateral)."""
+    bilateral). ``crop``: train on crops of this size centred on a voxel of a label drawn
+    uniformly (MONAI's RandCropByLabelClasses, so rare labels are seen as often as common ones),
+    and segment whole volumes by sliding windows of the same size; ``channels_last`` stores
+    activations channels-last, which the CPU's 3D convolutions run faster."""
 
     features: tuple[int, ...] = (8, 8, 16, 32, 32, 8)
     batch_size: int = 2
@@ -43,6 +49,8 @@ class SegmenterRecipe:
     cosine: bool = False
     batch_dice: bool = False
     flip: bool = False
+    crop: tuple[int, int, int] | None = None
+    channels_last: bool = False
 
     def describe(self) -> str:
         return (
@@ -51,6 +59,12 @@ class SegmenterRecipe:
             + (" with cosine decay" if self.cosine else "")
             + (", Dice over the batch" if self.batch_dice else "")
             + (", left-right flips" if self.flip else "")
+            + (
+                f", trained on class-balanced {'x'.join(map(str, self.crop))} crops and applied "
+                "by sliding windows"
+                if self.crop
+                else ""
+            )
         )
 
 
@@ -91,17 +105,63 @@ def split_subjects(ids: list[str], seed: int, test_share: float) -> tuple[list[s
     return sorted(ids[i] for i in order[n_test:]), sorted(ids[i] for i in order[:n_test])
 
 
-def make_segmenter(num_labels: int, recipe: SegmenterRecipe = DEFAULT_RECIPE) -> BasicUNet:
-    """A small MONAI BasicUNet (four levels: sides divisible by 16). Upsampling by interpolation:
-    on a CPU the backward pass of 3D transposed convolutions is several times slower."""
-    return BasicUNet(
-        spatial_dims=3,
-        in_channels=1,
-        out_channels=num_labels,
-        features=recipe.features,
-        norm=("instance", {"affine": True}),
-        upsample="nontrainable",
-    )
+class Segmenter(torch.nn.Module):
+    """A MONAI BasicUNet (four levels: sides divisible by 16) that, once trained on crops,
+    segments a whole volume by sliding windows of the crop's size (MONAI's
+    ``sliding_window_inference``), so it sees at inference what it saw in training."""
+
+    def __init__(self, num_labels: int, recipe: SegmenterRecipe = DEFAULT_RECIPE):
+        super().__init__()
+        # Upsampling by interpolation: on a CPU the backward pass of 3D transposed convolutions
+        # is several times slower.
+        self.network = BasicUNet(
+            spatial_dims=3,
+            in_channels=1,
+            out_channels=num_labels,
+            features=recipe.features,
+            norm=("instance", {"affine": True}),
+            upsample="nontrainable",
+        )
+        self.window = recipe.crop
+        self.memory_format = (
+            torch.channels_last_3d if recipe.channels_last else torch.contiguous_format
+        )
+        self.to(memory_format=self.memory_format)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.contiguous(memory_format=self.memory_format)
+        if self.window is None or self.training:
+            return self.network(images)
+        return sliding_window_inference(
+            images, self.window, sw_batch_size=8, predictor=self.network, overlap=0.25
+        )
+
+
+def make_segmenter(num_labels: int, recipe: SegmenterRecipe = DEFAULT_RECIPE) -> Segmenter:
+    return Segmenter(num_labels, recipe)
+
+
+class _LabelBalancedCrops:
+    """Batches of (image, label) crops, each centred on a voxel of a uniformly drawn label that
+    the volume has (seeded)."""
+
+    def __init__(self, images, labels, num_labels: int, size, seed: int):
+        self.pairs = torch.cat([images, labels.unsqueeze(1).to(images.dtype)], 1)
+        self.labels = labels.unsqueeze(1)
+        self.indices = [map_classes_to_indices(label[None], num_labels) for label in labels]
+        self.cropper = RandCropByLabelClasses(size, num_classes=num_labels, warn=False)
+        self.cropper.set_random_state(seed)
+
+    def __call__(self, batch: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        crops = torch.stack(
+            [
+                torch.as_tensor(
+                    self.cropper(self.pairs[i], self.labels[i], indices=self.indices[i])[0]
+                )
+                for i in batch
+            ]
+        )
+        return crops[:, :1], crops[:, 1:].round().long()
 
 
 def train_segmenter(
@@ -112,13 +172,16 @@ def train_segmenter(
     on_step: Callable[[int], None] | None = None,
     device: torch.device | str = "cpu",
     recipe: SegmenterRecipe = DEFAULT_RECIPE,
-) -> BasicUNet:
+) -> Segmenter:
     """Train on ``device`` (the volumes stay on the CPU, batches move); the model stays there.
     Dice + cross-entropy, Adam, batches drawn by :class:`StepBatchSampler` (seeded)."""
     torch.manual_seed(seed)
     model = make_segmenter(num_labels, recipe).to(device)
     images = torch.cat([v.images for v in train])
     labels = torch.cat([v.labels for v in train])
+    crops = (
+        _LabelBalancedCrops(images, labels, num_labels, recipe.crop, seed) if recipe.crop else None
+    )
     optimiser = torch.optim.Adam(model.parameters(), lr=recipe.learning_rate)
     schedule = (
         torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps) if recipe.cosine else None
@@ -128,7 +191,8 @@ def train_segmenter(
     model.train()
     batches = StepBatchSampler(len(images), recipe.batch_size, seed, 0, steps)
     for step, batch in enumerate(batches):
-        image, target = images[batch].to(device), labels[batch].unsqueeze(1).to(device)
+        image, target = crops(batch) if crops else (images[batch], labels[batch].unsqueeze(1))
+        image, target = image.to(device), target.to(device)
         if recipe.flip and torch.rand((), generator=flips) < 0.5:
             image, target = image.flip(2), target.flip(2)  # axis 0 of the volume: R-L
         loss = loss_fn(model(image), target)
@@ -213,7 +277,7 @@ def _mean(values: list[float]) -> float | None:
 
 @torch.no_grad()
 def segment_dice(
-    model: BasicUNet, volumes: Volumes, labels: dict[int, str]
+    model: Segmenter, volumes: Volumes, labels: dict[int, str]
 ) -> tuple[dict[str, float | None], float | None]:
     """(per foreground label name, its Dice averaged over the subjects that have one; the mean
     over the labels that have one). ``None`` where no subject has the label in either map."""
@@ -233,15 +297,16 @@ def segment_dice(
 
 
 @torch.no_grad()
-def bottleneck_features(model: BasicUNet, images: torch.Tensor) -> np.ndarray:
-    """(N, C): the UNet's deepest block, averaged over space: the Fréchet feature extractor."""
+def bottleneck_features(model: Segmenter, images: torch.Tensor) -> np.ndarray:
+    """(N, C): the UNet's deepest block over the whole volume (one window, however it was
+    trained), averaged over space: the Fréchet feature extractor."""
     captured = []
-    handle = model.down_4.register_forward_hook(
+    handle = model.network.down_4.register_forward_hook(
         lambda m, i, out: captured.append(out.mean((2, 3, 4)).cpu())
     )
     try:
         for image in images:
-            model(image[None].to(_device_of(model)))
+            model.network(image[None].to(_device_of(model)))
     finally:
         handle.remove()
     return torch.cat(captured).numpy()

@@ -34,6 +34,27 @@ from lsdm.config import VQGAN_DOWNSAMPLING, LSDMConfig, VQGANConfig
 LEVELS = int(math.log2(VQGAN_DOWNSAMPLING))  # stride-2 levels
 
 
+@torch.no_grad()
+def _restart_dead_codes(quantiser, inputs, _output) -> None:
+    """After a training forward of MONAI's EMA quantiser: every code whose moving-average use
+    (``ema_cluster_size``) is below ``dead_code_restart`` x the mean code's is moved onto a
+    randomly drawn encoding of this batch, with a use of one, so the next updates pull it along
+    with the data instead of leaving it where nothing maps. Not in eval mode, so not where DP
+    freezes the codebook (node/privacy.py)."""
+    if not quantiser.training:
+        return
+    share = quantiser._restart_share
+    counts = quantiser.ema_cluster_size
+    dead = torch.nonzero(counts < share * counts.mean()).flatten()
+    if len(dead) == 0:
+        return
+    encodings = inputs[0].movedim(1, -1).reshape(-1, quantiser.embedding_dim)
+    chosen = encodings[torch.randint(len(encodings), (len(dead),), device=encodings.device)]
+    quantiser.embedding.weight.data[dead] = chosen
+    quantiser.ema_w.data[dead] = chosen
+    counts[dead] = 1.0
+
+
 class VQGAN(nn.Module):
     """Autoencoder ``(B, 1, D, H, W) -> (B, 1, D, H, W)`` through a ``(B, E, D/4, H/4, W/4)``
     codebook latent, with its discriminator."""
@@ -63,6 +84,10 @@ class VQGAN(nn.Module):
             num_layers_d=config.disc_layers,
             norm=("INSTANCE", {"affine": True}),
         )
+        if config.dead_code_restart > 0:
+            quantiser = self.autoencoder.quantizer.quantizer
+            quantiser._restart_share = config.dead_code_restart
+            quantiser.register_forward_hook(_restart_dead_codes)
         # Per-channel range of the training latents; see calibrate_latent_scale().
         self.register_buffer("latent_low", -torch.ones(config.embedding_dim))
         self.register_buffer("latent_high", torch.ones(config.embedding_dim))
@@ -274,3 +299,29 @@ def train_step(
 def reconstruct(model: VQGAN, images: torch.Tensor) -> torch.Tensor:
     model.eval()
     return model.autoencoder(images)[0].clamp(-1.0, 1.0)
+
+
+@dataclass(frozen=True)
+class CodebookUse:
+    codes_used_share: float  # share of the codebook's codes that some latent voxel picks
+    perplexity: float  # exp of the entropy of the codes' frequencies: codes in effective use
+
+
+@torch.no_grad()
+def codebook_use(model: VQGAN, images: torch.Tensor, batch: int = 4) -> CodebookUse:
+    """How much of its codebook the VQ-GAN uses on ``images`` (N, 1, D, H, W): a collapsed
+    codebook caps every volume decoded through it."""
+    device = next(model.parameters()).device
+    model.eval()
+    indices = torch.cat(
+        [
+            model.autoencoder.index_quantize(c.to(device)).flatten().cpu()
+            for c in images.split(batch)
+        ]
+    )
+    counts = torch.bincount(indices, minlength=model.config.num_embeddings).double()
+    shares = counts[counts > 0] / counts.sum()
+    return CodebookUse(
+        codes_used_share=float((counts > 0).double().mean()),
+        perplexity=float(torch.exp(-(shares * shares.log()).sum())),
+    )
