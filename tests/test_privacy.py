@@ -96,9 +96,12 @@ def test_per_sample_gradients_are_clipped_before_noise_on_a_real_step(images):
     privacy.freeze_codebook(model)
     reference = copy.deepcopy(model)
     ae_grads, d_grads = _per_sample_grads(reference, images)
-    # a bound between the subjects' gradient norms: some are clipped, some are not
-    ae_bound = float(_norms(ae_grads).median())
-    d_bound = float(_norms(d_grads).median())
+    # a bound between the subjects' gradient norms, halfway from the smallest to the median: the
+    # smallest is not clipped, the other two are (one clipped subject of three moved the step by
+    # under 1 % on some data)
+    ae_bound, d_bound = (
+        float(_norms(g).min() + _norms(g).median()) / 2 for g in (ae_grads, d_grads)
+    )
     assert (_norms(ae_grads) > ae_bound * 1.01).any() and (_norms(ae_grads) < ae_bound).any()
 
     private = privacy.make_private_vqgan(model, 0.0, 1.0, 3, _seeded())
