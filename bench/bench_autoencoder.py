@@ -7,6 +7,9 @@ subjects, seed 0; 12 test subjects, seed 1; 32x64x64) for the same steps, in one
 scores the reconstructions of the test subjects:
 
 - PSNR, codebook use (share of codes, perplexity);
+- per-class Dice of the fidelity protocol's real-trained segmenter (trained once, kept in the work
+  folder) on the reconstructions, and on the decodings of the unquantised latents: the gap between
+  the two is what the codebook costs, the rest is the encoder and decoder;
 - map agreement (nearest-class-mean voxel classifier fitted on real training images) against the
   own map and another subject's, and its recall per label (how many of a label's voxels read as
   that label): the real test images' figures are printed first, as the ceiling.
@@ -25,14 +28,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_fidelity import VQGAN_VARIANTS, load_split
+from bench_fidelity import SEGMENTER_RECIPES, VQGAN_VARIANTS, dice_of, load_split
 
+from lsdm.checkpoint import load_checkpoint, save_checkpoint
 from lsdm.config import preset
 from lsdm.data import open_cohort
 from lsdm.metrics import NearestClassMean, paired_psnr_ssim
 from lsdm.phantom import PHANTOM_LABELS, write_cohort
+from lsdm.segmenter import make_segmenter, train_segmenter
 from lsdm.train_vqgan import train_vqgan
-from lsdm.vqgan import codebook_use, reconstruct
+from lsdm.vqgan import VQGAN, codebook_use, reconstruct
 
 VARIANTS = VQGAN_VARIANTS
 
@@ -56,6 +61,29 @@ def per_label_recall(checker: NearestClassMean, images: torch.Tensor, labels: to
     }
 
 
+@torch.no_grad()
+def decode_unquantised(model: VQGAN, images: torch.Tensor) -> torch.Tensor:
+    """The decoder applied to the encoder's continuous latent, skipping the codebook."""
+    model.eval()
+    autoencoder = model.autoencoder
+    return autoencoder.decode(autoencoder.encode(images)).clamp(-1.0, 1.0)
+
+
+def real_segmenter(args, train):
+    """The protocol's segmenter trained on the real training volumes, once per work folder."""
+    recipe = SEGMENTER_RECIPES[args.segmenter_recipe]
+    path = args.work / f"segmenter_{args.segmenter_recipe}_{args.segmenter_steps}.safetensors"
+    if path.exists():
+        segmenter = make_segmenter(len(PHANTOM_LABELS), recipe)
+        load_checkpoint(path, {"segmenter": segmenter})
+    else:
+        segmenter = train_segmenter(
+            [train], len(PHANTOM_LABELS), args.segmenter_steps, 0, None, "cpu", recipe
+        )
+        save_checkpoint(path, {"segmenter": segmenter})
+    return segmenter.eval()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -65,6 +93,8 @@ def main() -> None:
     parser.add_argument("--test-subjects", type=int, default=12)
     parser.add_argument("--shape", type=int, nargs=3, default=(32, 64, 64))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--segmenter-steps", type=int, default=3000)
+    parser.add_argument("--segmenter-recipe", default="f16_crops", choices=list(SEGMENTER_RECIPES))
     args = parser.parse_args()
     base = preset("tiny").with_overrides(
         data={"shape": tuple(args.shape)},
@@ -78,7 +108,13 @@ def main() -> None:
             write_cohort(args.work / name, subjects, base.data.shape, seed)
     train, test = load_split(args.work / "train", base), load_split(args.work / "test", base)
     checker = NearestClassMean().fit(list(train.images[:, 0].numpy()), list(train.labels.numpy()))
-    rows = {"real test images": per_label_recall(checker, test.images, test.labels)}
+    segmenter = real_segmenter(args, train)
+    rows = {
+        "real test images": {
+            **per_label_recall(checker, test.images, test.labels),
+            "dice": dice_of(segmenter, test),
+        }
+    }
     for name in args.variants:
         config = base.with_overrides(vqgan=VARIANTS[name])
         out = args.work / f"vqgan_{name}"
@@ -94,34 +130,55 @@ def main() -> None:
                 for r, s in zip(test.images, recon, strict=True)
             ]
         )
+        unquantised = torch.cat(
+            [decode_unquantised(model, chunk) for chunk in test.images.split(4)]
+        )
         rows[name] = {
             **per_label_recall(checker, recon, test.labels),
+            "dice": dice_of(segmenter, test, recon),
+            "dice_unquantised": dice_of(segmenter, test, unquantised),
             "psnr_db": float(psnr),
             "seconds": seconds,
             **dataclasses.asdict(codebook_use(model, test.images)),
         }
         print(name, json.dumps(rows[name]), flush=True)
     classes = list(rows["real test images"]["recall"])
+    foreground = list(rows["real test images"]["dice"]["per_class"])
+
+    def dice_cells(dice: dict | None) -> str:
+        if dice is None:
+            return " – |" * (1 + len(foreground))
+        return f" {dice['mean']:.3f} |" + "".join(
+            f" {dice['per_class'][c]:.2f} |" for c in foreground
+        )
+
     lines = [
-        "| reconstructions of | map own | other |"
+        "| reconstructions of | seg Dice mean |"
+        + "".join(f" {c} |" for c in foreground)
+        + " unquantised Dice mean |"
+        + "".join(f" {c} |" for c in foreground)
+        + " map own | other |"
         + "".join(f" recall {c} |" for c in classes)
         + " PSNR dB | codes used | perplexity | train s |",
-        "|" + "---|" * (3 + len(classes) + 4),
+        "|" + "---|" * (5 + 2 * len(foreground) + len(classes) + 4),
     ]
     for name, row in rows.items():
-        recall = "".join(f" {row['recall'][c]:.2f} |" for c in classes)
+        recall = dice_cells(row["dice"]) + dice_cells(row.get("dice_unquantised"))
+        recall += f" {row['map_own']:.3f} | {row['map_other']:.3f} |"
+        recall += "".join(f" {row['recall'][c]:.2f} |" for c in classes)
         extra = (
             f" {row['psnr_db']:.1f} | {row['codes_used_share']:.2f} | {row['perplexity']:.0f} |"
             f" {row['seconds']:.0f} |"
             if "psnr_db" in row
             else " – | – | – | – |"
         )
-        lines.append(f"| {name} | {row['map_own']:.3f} | {row['map_other']:.3f} |{recall}{extra}")
+        lines.append(f"| {name} |{recall}{extra}")
     text = (
         f"# Autoencoder ceiling\n\n`bench/bench_autoencoder.py --steps {args.steps}` on "
         f"{platform.processor() or 'cpu'} ({torch.get_num_threads()} threads), "
         f"{args.train_subjects} training / {args.test_subjects} test phantom subjects at "
-        f"{'x'.join(map(str, args.shape))}.\n\n" + "\n".join(lines) + "\n"
+        f"{'x'.join(map(str, args.shape))}; segmenter {args.segmenter_recipe}, "
+        f"{args.segmenter_steps} steps.\n\n" + "\n".join(lines) + "\n"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

@@ -85,6 +85,13 @@ VQGAN_VARIANTS: dict[str, dict] = {
     "label_balance_0.5": {"recon_label_balance": 0.5},
     "embedding_dim_8": {"embedding_dim": 8},
     "label_balance_0.5_dim_8": {"recon_label_balance": 0.5, "embedding_dim": 8},
+    # the 256 codes of the tiny preset are all in use after dead-code restarts: more of them
+    "label_balance_0.5_codes_2048": {"recon_label_balance": 0.5, "num_embeddings": 2048},
+    "label_balance_0.5_codes_2048_dim_8": {
+        "recon_label_balance": 0.5,
+        "num_embeddings": 2048,
+        "embedding_dim": 8,
+    },
     "wide_label_balance_0.5": {
         "recon_label_balance": 0.5,
         "channels": (32, 64),
