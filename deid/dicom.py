@@ -19,8 +19,24 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
 
 from deid.keys import SiteKeys
-from deid.profile import PrivateTagRule, action_table, basic_action, is_class_uid, resolve
-from deid.values import age_band, age_in_years, as_text, clean_text, known_identifiers, shift_date
+from deid.phi import (
+    TEXT_VRS,
+    KnownValueSearch,
+    identifying_text,
+    identifying_values,
+    phi_kind,
+    text_values,
+)
+from deid.profile import (
+    PrivateTagRule,
+    action_table,
+    basic_action,
+    is_checked_text,
+    is_class_uid,
+    resolve,
+    unlisted_text_action,
+)
+from deid.values import age_band, age_in_years, as_text, clean_text, identifier_words, shift_date
 from policies.site import PixelMask, SitePolicy
 
 # Constants that identify no one, written where the profile says D (dummy). The scanner accepts
@@ -38,7 +54,6 @@ DUMMY_VALUES = frozenset(str(v) for v in DUMMY_BY_VR.values()) | {""}
 # Our implementation's UID (UUID-derived arc): pydicom's own root would equal the org root that
 # InstanceCreatorUID holds in files pydicom wrote, and a UID must never be echoed from an input.
 IMPLEMENTATION_CLASS_UID = "2.25.208421736598410389712904632257418403521"
-TEXT_VRS = frozenset({"LO", "SH", "ST", "LT", "UT", "UC", "PN"})
 # File-meta elements that may carry the sending site's identity.
 _META_DROP = ("SourceApplicationEntityTitle", "SendingApplicationEntityTitle",
               "ReceivingApplicationEntityTitle", "SourcePresentationAddress",
@@ -69,6 +84,7 @@ class DeidOutcome:
 class _Context:
     date_offset: int | None  # days subtracted from every date (None: dates are not shifted)
     identifiers: frozenset[str]  # lower-case words that must not survive a clean
+    own: KnownValueSearch  # this object's names, IDs and institution data, found in any spelling
     counts: dict[str, int]
 
 
@@ -132,13 +148,15 @@ class Deidentifier:
         if mask is not None:
             self._blank_pixels(ds, mask)
         shifts = self.policy.deid.shifts_dates
+        identity = identifying_values(ds)
         ctx = _Context(
             date_offset=self.keys.date_offset_days(
                 patient_key, self.policy.deid.date_shift_max_days
             )
             if shifts
             else None,
-            identifiers=known_identifiers(ds),
+            identifiers=identifier_words(identity),
+            own=KnownValueSearch(identity, min_length=3),
             counts={},
         )
         self._walk(ds, ctx)
@@ -165,9 +183,9 @@ class Deidentifier:
                 elif self.private_rule.keeps(ds, elem):
                     kept_private_blocks.add((tag.group, tag.element >> 8))
                     self._count(ctx, "K-private")
-                    if elem.VR == "SQ":
-                        for item in elem.value:
-                            self._walk(item, ctx)
+                    # a private element the site declared safe is still an attribute the table
+                    # does not list: no name, date, UID or identifying text gets through
+                    self._unlisted(ds, elem, ctx)
                 else:
                     del ds[tag]
                     self._count(ctx, "X-private")
@@ -204,9 +222,17 @@ class Deidentifier:
             raise ValueError(f"unknown Annex E action {action!r} for {elem.tag}")
 
     def _unlisted(self, ds: Dataset, elem: DataElement, ctx: _Context) -> None:
-        """Attributes Annex E does not list: kept, but never a name, a raw date or a raw UID."""
+        """Attributes Annex E does not list: kept, but never a name, a raw date, a raw UID or text
+        that identifies (see :func:`deid.profile.unlisted_text_action`)."""
         vr = elem.VR
-        if vr == "SQ":
+        if is_checked_text(elem):
+            if unlisted_text_action(elem, self.options) == "X":
+                self._act(ds, elem, "X", ctx)
+            elif identifying_text(elem, text_values(elem), ctx.own):
+                self._act(ds, elem, "Z", ctx)
+            else:
+                self._count(ctx, "C")
+        elif vr == "SQ":
             for item in elem.value:
                 self._walk(item, ctx)
         elif vr == "PN":
@@ -261,6 +287,10 @@ class Deidentifier:
         elif vr in TEXT_VRS:
             values = elem.value if elem.VM > 1 else [elem.value]
             cleaned = [clean_text(as_text(v), ctx.identifiers) for v in values]
+            # what the token clean leaves must not still hold the object's own values
+            # (``DorotheaMbeki``, ``mbeki's``): then nothing of it is kept
+            if identifying_text(elem, cleaned, ctx.own):
+                cleaned = [""] * len(cleaned)
             elem.value = cleaned if elem.VM > 1 else cleaned[0]
         elif vr in ("AS", "CS", "DS", "IS", "US", "FL", "FD"):
             pass  # patient characteristics under Retain Patient Characteristics: handled after
@@ -324,9 +354,10 @@ class Deidentifier:
         for kw, value in retained.items():
             setattr(ds, kw, value)
         ds.PatientIdentityRemoved = "YES"
-        ds.DeidentificationMethod = [f"Med-LSDM policy {self.policy.name}"[:64]] + [
-            m for _, m in self.policy.method_codes()
-        ]
+        label = f"Med-LSDM policy {self.policy.name}"[:64]
+        if phi_kind(label):  # a policy named like a date or a number would fail our own scan
+            label = "Med-LSDM policy"
+        ds.DeidentificationMethod = [label] + [m for _, m in self.policy.method_codes()]
         codes = Sequence()
         for value, meaning in self.policy.method_codes():
             item = Dataset()
@@ -371,6 +402,7 @@ def reading_config() -> None:
 
 __all__ = [
     "DUMMY_VALUES",
+    "TEXT_VRS",
     "DeidOutcome",
     "Deidentifier",
     "Quarantined",

@@ -14,6 +14,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID_dictionary
 
 from deid.annex_e_table import BASIC_PROFILE, BASIC_PROFILE_MASKED, OPTION_ACTIONS
+from deid.phi import CHECKED_TEXT_VRS, FREE_TEXT_VRS, kind_of
 from deid.values import as_text
 from policies.site import SitePolicy
 
@@ -23,6 +24,10 @@ from policies.site import SitePolicy
 _COLUMN_OPTIONS = tuple(OPTION_ACTIONS)
 # Unlisted UIDs that name a class, syntax or scheme rather than an instance: kept as they are.
 _KEEP_UID_KEYWORD = re.compile(r"(ClassUID|TransferSyntaxUID|CodingSchemeUID|ContextUID)$")
+# Unlisted text attributes whose name says they are about a person, a date or a contact
+# (PatientBirthDateInAlternativeCalendar, PersonTelephoneNumbers in a new macro, ...).
+_PERSONAL_KEYWORD = re.compile(r"Patient|Birth|Death|Person|Physician|Operator|Address|Telephone|"
+                               r"Email|Date")  # fmt: skip
 
 
 def basic_action(tag: int) -> str | None:
@@ -61,6 +66,28 @@ def resolve(action: str, vr: str) -> str:
     if action in ("Z/D", "X/D", "X/Z/D"):
         return "D"
     return action
+
+
+def unlisted_text_action(elem: DataElement, options: frozenset[str]) -> str:
+    """What happens to a text attribute (LO, SH, UC, LT, ST, UT, or a kept private element) that
+    the Annex E table does not list: ``X`` removed, or ``C`` checked and emptied when anything in
+    it looks identifying (:func:`deid.phi.identifying_text`). Never kept unchecked.
+
+    Removed under every policy: attributes named for a person, date or contact, and IDs and
+    institution data. Free text (LT, ST, UT) is removed too unless the policy cleans descriptors.
+    """
+    if not elem.tag.is_private and (
+        _PERSONAL_KEYWORD.search(elem.keyword or "") or kind_of(elem) in ("id", "institution")
+    ):
+        return "X"
+    if elem.VR in FREE_TEXT_VRS and "Clean Descriptors" not in options:
+        return "X"
+    return "C"
+
+
+def is_checked_text(elem: DataElement) -> bool:
+    """Whether ``elem`` is text that :func:`unlisted_text_action` governs when it is unlisted."""
+    return elem.VR in CHECKED_TEXT_VRS or (elem.VR == "UN" and elem.tag.is_private)
 
 
 def is_class_uid(elem: DataElement) -> bool:

@@ -1,9 +1,10 @@
 """The PHI scanner: what identifying data survives in a folder the site is about to publish.
 
 It checks DICOM (every attribute the Annex E profile covers, recursively, plus names, dates and
-UIDs anywhere, private tags, burned-in annotation), NIfTI headers (descrip, aux_file, intent_name,
-db_name, extensions), JSON (keys and values), file names, and, when given the identifying values
-harvested from the input, a byte-level search of every file for each of them.
+UIDs anywhere, dates, phone and record numbers in any text attribute, private tags, burned-in
+annotation), NIfTI headers (descrip, aux_file, intent_name, db_name, extensions), JSON (keys and
+values), file names, and, when given the identifying values harvested from the input, a byte-level
+search of every file for each of them in any case and spelling (``deid.phi.KnownValueSearch``).
 
 Findings never repeat the identifying value itself, so a report can be shared: they name the file,
 the place and the kind of data, and show a masked hint.
@@ -15,6 +16,7 @@ import contextlib
 import gzip
 import json
 import re
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,17 +25,38 @@ import nibabel as nib
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
-from deid.dicom import DUMMY_VALUES, TEXT_VRS
+from deid.dicom import DUMMY_VALUES
 from deid.files import NotDicom, iter_files, read_dicom
-from deid.profile import PrivateTagRule, action_table, basic_action, is_class_uid, resolve
+from deid.phi import (
+    CHECKED_TEXT_VRS,
+    CODED_KEYWORDS,
+    DATE_DIGITS,
+    DICOM_UID_PATTERN,
+    KEYED_UID,
+    KnownValueSearch,
+    date_spellings,
+    digit_cores,
+    element_identity,
+    identifying_text,
+    kind_of,
+    name_parts,
+    phi_kind,
+    text_values,
+)
+from deid.profile import (
+    PrivateTagRule,
+    action_table,
+    basic_action,
+    is_checked_text,
+    is_class_uid,
+    resolve,
+    unlisted_text_action,
+)
 from policies.presets import STRICT
 from policies.site import SitePolicy
 
 PSEUDONYM = re.compile(r"^[a-z]-[a-z]{16}$")
-KEYED_UID = re.compile(r"^2\.25\.\d{1,39}$")
-# A calendar date as DICOM (YYYYMMDD) or ISO (YYYY-MM-DD) writes it, 1900-2099.
-DATE_PATTERN = re.compile(r"(?<!\d)(?:19|20)\d\d-?(?:0[1-9]|1[0-2])-?(?:0[1-9]|[12]\d|3[01])(?!\d)")
-DICOM_UID_PATTERN = re.compile(r"(?<![\d.])[012](?:\.(?:0|[1-9]\d*)){4,}(?![\d.])")
+DATE_PATTERN = DATE_DIGITS
 LONG_NUMBER = re.compile(r"(?<!\d)\d{6,}(?!\d)")
 PHI_KEY = re.compile(
     r"patient|birth|accession|mrn|physician|institution|address|phone|operator|"
@@ -63,23 +86,9 @@ def mask(value: str) -> str:
     return value[0] + "*" * (len(value) - 2) + value[-1] + f" [{len(value)} chars]"
 
 
-def kind_of(elem: DataElement) -> str:
-    kw = elem.keyword or ""
-    if elem.VR == "PN":
-        return "name"
-    if elem.VR in ("DA", "DT", "TM"):
-        return "date"
-    if elem.VR == "UI":
-        return "uid"
-    if elem.tag.is_private:
-        return "private"
-    if any(s in kw for s in ("Institution", "Station", "Department", "Address")):
-        return "institution"
-    if kw.endswith(("ID", "IDs", "Number", "Identifier", "Numbers")) or "Accession" in kw:
-        return "id"
-    if elem.VR in TEXT_VRS:
-        return "descriptor"
-    return "other"
+def _harmless_text(value: str) -> bool:
+    """A value de-identification writes: empty, a dummy or a keyed pseudonym."""
+    return value in DUMMY_VALUES or bool(PSEUDONYM.match(value))
 
 
 def _values(elem: DataElement) -> list[str]:
@@ -91,14 +100,20 @@ def _values(elem: DataElement) -> list[str]:
     return [str(v).strip() for v in values if str(v).strip()]
 
 
+_LENIENT = frozenset({"Clean Descriptors"})  # the option under which unlisted free text is kept
+
+
 # -- harvesting what must not survive --------------------------------------------------------------
 class KnownValues:
     """The names, IDs, dates, instance UIDs and institution data of the input objects.
 
-    Used for the byte-level search of outputs. Free-text descriptors and coded values (CS) are not
-    harvested, nor values that any input also holds in attributes the profile keeps (a
-    manufacturer entered as InstitutionName, a coding scheme called TEST): those would be found in
-    every correct output. Purely numeric values under 6 digits collide with binary data.
+    Used for the byte-level search of outputs. Names are also harvested by component, IDs also by
+    their digit cores, dates also in their ISO, European and US spellings. Text the profile removes
+    is harvested whole (inside removed sequences, unlisted text that de-identification drops);
+    descriptors it keeps or cleans and coded values (CS) are not, nor values that any input also
+    holds in attributes the profile keeps (a manufacturer entered as InstitutionName, a coding
+    scheme called TEST): those would be found in every correct output. Purely numeric values
+    under 6 digits collide with binary data.
     """
 
     def __init__(self) -> None:
@@ -106,15 +121,29 @@ class KnownValues:
         self._kept: set[str] = set()
 
     def add(self, ds: Dataset) -> None:
-        self._walk(ds, removed=False)
+        own: set[str] = set()  # the object's identity, against which its unlisted text is judged
+        unlisted: list[DataElement] = []
+        self._walk(ds, False, own, unlisted)
+        search = KnownValueSearch(own, min_length=3)
+        for elem in unlisted:
+            # unlisted text is kept only when de-identification would keep it (under the most
+            # lenient policy); what it removes is harvested like the content of removed sequences
+            if unlisted_text_action(elem, _LENIENT) == "X" or identifying_text(
+                elem, _values(elem), search
+            ):
+                self._harvest(elem, basic_action(int(elem.tag)), removed=True)
+            else:
+                self._kept.update(_values(elem))
 
     @property
     def values(self) -> set[str]:
-        kept = "\x00".join(self._kept)  # a value inside a kept one (OFFIS e.V. in its Manufacturer)
-        return {v for v in self._found if v not in kept}
+        # found, by the search the outputs get, in a kept value (OFFIS e.V. in its Manufacturer)
+        kept = "\x00".join(sorted(self._kept)).encode("utf-8")
+        return self._found - set(KnownValueSearch(self._found).find(kept))
 
-    def _walk(self, ds: Dataset, removed: bool) -> None:
+    def _walk(self, ds: Dataset, removed: bool, own: set[str], unlisted: list[DataElement]) -> None:
         for elem in ds:
+            own.update(element_identity(elem))
             if elem.tag.is_private:
                 continue
             action = basic_action(int(elem.tag))
@@ -123,19 +152,21 @@ class KnownValues:
                 # there are harvested, never counted as kept.
                 gone = removed or (action is not None and resolve(action, "SQ") in ("X", "Z", "D"))
                 for item in elem.value:
-                    self._walk(item, gone)
+                    self._walk(item, gone, own, unlisted)
+            elif elem.VR in ("OB", "OW", "UN"):
+                continue
+            elif not removed and elem.VR == "CS":
+                self._kept.update(_values(elem))
+            elif not removed and action is None and kind_of(elem) not in ("name", "date", "uid"):
+                if is_checked_text(elem):
+                    unlisted.append(elem)  # judged once the object's identity is known
+                else:
+                    self._kept.update(_values(elem))
             else:
-                self._visit(elem, action, removed)
+                self._harvest(elem, action, removed)
 
-    def _visit(self, elem: DataElement, action: str | None, removed: bool) -> None:
-        if elem.VR in ("OB", "OW", "UN"):
-            return
+    def _harvest(self, elem: DataElement, action: str | None, removed: bool) -> None:
         kind = kind_of(elem)
-        if not removed and (
-            elem.VR == "CS" or (action is None and kind not in ("name", "date", "uid"))
-        ):
-            self._kept.update(_values(elem))
-            return
         if elem.VR == "CS":
             return
         if kind == "uid" and (action is None or "U" not in action):
@@ -149,7 +180,11 @@ class KnownValues:
                 continue
             candidates = [v]
             if kind == "name":
-                candidates += [p.strip() for p in re.split(r"[\^=,]", v)]
+                candidates += name_parts(v)
+            elif kind == "id":
+                candidates += digit_cores(v)
+            elif elem.VR in ("DA", "DT"):
+                candidates += date_spellings(v)
             for c in candidates:
                 if len(c) >= MIN_KNOWN_VALUE and not (c.isdigit() and len(c) < 6):
                     self._found.add(c)
@@ -187,25 +222,28 @@ class DicomChecker:
                 if not self.private_rule.keeps(ds, elem):
                     out.append(Finding(rel, where, "private", f"private tag {elem.tag}"))
                     continue
-            values = _values(elem)
-            problem = self._problem(elem, values)
+            problem = self._problem(elem, _values(elem))
             if problem:
-                out.append(Finding(rel, where, kind_of(elem), problem))
+                out.append(Finding(rel, where, *problem))
             if elem.VR == "SQ":
                 for n, item in enumerate(elem.value):
                     self._walk(item, rel, f"{where}[{n}].", out)
 
-    def _problem(self, elem: DataElement, values: list[str]) -> str | None:
+    def _problem(self, elem: DataElement, values: list[str]) -> tuple[str, str] | None:
+        """(kind, masked hint) of what identifies in ``elem``, or None."""
         if not values:
             return None
         action = self.table.get(int(elem.tag)) or basic_action(int(elem.tag))
         vr = elem.VR
-        bad = [v for v in values if not (v in DUMMY_VALUES or PSEUDONYM.match(v))]
+        kind = kind_of(elem)
+        bad = [v for v in values if not _harmless_text(v)]
         if action is None:
+            if is_checked_text(elem):
+                return self._text_problem(elem, unlisted=True)
             if vr == "PN" and bad:
-                return mask(bad[0])
+                return kind, mask(bad[0])
             if vr in ("DA", "DT") and not self._dates_allowed() and bad:
-                return mask(bad[0])
+                return kind, mask(bad[0])
             if vr == "UI" and not is_class_uid(elem):
                 return self._uid_problem(values)
             return None
@@ -213,23 +251,35 @@ class DicomChecker:
         if action in ("X", "Z", "D"):
             if vr == "UI":
                 return self._uid_problem(values)
-            return mask(bad[0]) if bad else None
+            return (kind, mask(bad[0])) if bad else None
         if action == "U":
             return self._uid_problem(values)
-        if action == "C":
-            if vr in ("DA", "DT", "TM"):
-                return None  # shifted dates cannot be told from others; the byte search can
-            for v in values:
-                if "^" in v or DATE_PATTERN.search(v) or LONG_NUMBER.search(v):
-                    return mask(v)
+        if action == "C" and vr in CHECKED_TEXT_VRS:
+            return self._text_problem(elem, unlisted=False)
+        return None  # K; shifted dates cannot be told from others (the byte search can)
+
+    def _text_problem(self, elem: DataElement, *, unlisted: bool) -> tuple[str, str] | None:
+        """Text left in a cleaned or unlisted attribute: anything where the profile removes it,
+        else a name, date, phone or record number, e-mail address or UID in it."""
+        texts = [v for v in text_values(elem) if not _harmless_text(v)]
+        if not texts:
+            return None
+        if unlisted and unlisted_text_action(elem, self.options) == "X":
+            return kind_of(elem), mask(texts[0])
+        if (elem.keyword or "") in CODED_KEYWORDS:
+            return None
+        for v in texts:
+            found = phi_kind(v)
+            if found:
+                return found, mask(v)
         return None
 
-    def _uid_problem(self, values: list[str]) -> str | None:
+    def _uid_problem(self, values: list[str]) -> tuple[str, str] | None:
         if "Retain UIDs" in self.options:
             return None
         for v in values:
             if not KEYED_UID.match(v):
-                return "not remapped: " + mask(v)
+                return "uid", "not remapped: " + mask(v)
         return None
 
     def _dates_allowed(self) -> bool:
@@ -322,37 +372,6 @@ def check_json(path: Path, rel: str) -> list[Finding]:
     return out
 
 
-_EDGE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
-
-
-class KnownValueSearch:
-    """Find whole-token occurrences of known values in bytes: MARY must not match in PRIMARY.
-
-    One ``bytes.find`` per value (memchr speed) beats one alternation regex, which backtracks at
-    every position of a megabyte of pixel data.
-    """
-
-    def __init__(self, values: Iterable[str]):
-        self.needles = sorted({v.encode("utf-8") for v in values if len(v) >= MIN_KNOWN_VALUE})
-
-    def __bool__(self) -> bool:
-        return bool(self.needles)
-
-    def find(self, blob: bytes) -> list[bytes]:
-        hits = []
-        for needle in self.needles:
-            start = blob.find(needle)
-            while start != -1:
-                end = start + len(needle)
-                before = blob[start - 1] if start > 0 else None
-                after = blob[end] if end < len(blob) else None
-                if before not in _EDGE and after not in _EDGE:
-                    hits.append(needle)
-                    break
-                start = blob.find(needle, start + 1)
-        return hits
-
-
 def _without_pixel_data(data: bytes, pixels: bytes | None) -> bytes:
     """The file's bytes less the Pixel Data value: names are not searched for in pixels (burned-in
     text is handled by quarantine), and a megabyte of pixels costs more than everything else."""
@@ -367,20 +386,57 @@ def _without_pixel_data(data: bytes, pixels: bytes | None) -> bytes:
     return data
 
 
+def _gzip_header(data: bytes) -> bytes:
+    """The member header of a gzip file: it may hold the original file name and a comment."""
+    flags, at = (data[3], 10) if len(data) >= 10 else (0, len(data))
+    if flags & 0x04:  # FEXTRA
+        at += 2 + int.from_bytes(data[at : at + 2], "little")
+    for flag in (0x08, 0x10):  # FNAME, FCOMMENT: zero-terminated
+        if flags & flag:
+            end = data.find(b"\x00", at)
+            at = len(data) if end == -1 else end + 1
+    return data[:at]
+
+
+def _nifti_header(path: Path) -> bytes | None:
+    """The bytes of a NIfTI/Analyze file before its voxels (header and extensions); None where
+    that cannot be told (the whole file is searched then)."""
+    name = path.name.lower()
+    if name.endswith((".img", ".img.gz")):
+        return b""  # the voxels of an Analyze pair; its .hdr is searched whole
+    try:
+        offset = int(nib.load(path).header.get_data_offset())
+        with (gzip.open if name.endswith(".gz") else open)(path, "rb") as f:
+            return f.read(offset) if offset > 0 else f.read()
+    except Exception:
+        return None
+
+
+def searchable_bytes(path: Path, pixels: bytes | None = None) -> list[bytes]:
+    """Where a file can hold identifying text: all of it, less DICOM pixel data and NIfTI voxels
+    (burned-in text is handled by quarantine; a case-blind search would find letters in a
+    megabyte of intensities); of a gzip file, its member header and its decompressed content."""
+    data = _without_pixel_data(path.read_bytes(), pixels)
+    nifti = path.name.lower().endswith(NIFTI_SUFFIXES)
+    header = _nifti_header(path) if nifti else None
+    if data[:2] != b"\x1f\x8b":
+        return [data if header is None else header]
+    blobs = [_gzip_header(data)]
+    if header is not None:
+        blobs.append(header)
+    else:
+        with contextlib.suppress(OSError, EOFError, zlib.error):
+            blobs.append(gzip.decompress(data))
+    return blobs
+
+
 def check_known_values(
     path: Path, rel: str, search: KnownValueSearch, pixels: bytes | None = None
 ) -> list[Finding]:
-    """Byte-level search; gzip files are searched both as stored and decompressed."""
-    data = _without_pixel_data(path.read_bytes(), pixels)
-    blobs = [data, rel.encode("utf-8")]
-    if data[:2] == b"\x1f\x8b":
-        with contextlib.suppress(OSError, EOFError):
-            blobs.append(gzip.decompress(data))
+    """Byte-level search of :func:`searchable_bytes` and the file's path."""
+    blobs = [*searchable_bytes(path, pixels), rel.encode("utf-8")]
     hits = {h for blob in blobs for h in search.find(blob)}
-    return [
-        Finding(rel, "file bytes", "known value", mask(h.decode("utf-8", "replace")))
-        for h in sorted(hits)
-    ]
+    return [Finding(rel, "file bytes", "known value", mask(h)) for h in sorted(hits)]
 
 
 # -- the whole folder ------------------------------------------------------------------------------

@@ -7,8 +7,9 @@ from __future__ import annotations
 import datetime as dt
 import re
 
-from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+
+from deid.phi import strip_phi
 
 _DATE8 = re.compile(r"^(\d{8})(.*)$")
 _WORD = re.compile(r"[A-Za-z0-9]+")
@@ -20,25 +21,10 @@ def as_text(value: object) -> str:
     return "" if value is None else str(value).strip()
 
 
-def known_identifiers(ds: Dataset) -> frozenset[str]:
-    """Words from this object's names, IDs and institution, to scrub from free text."""
-    words: set[str] = set()
-
-    def visit(d: Dataset, elem: DataElement) -> None:
-        kw = elem.keyword or ""
-        if elem.VR in ("UI", "SQ"):
-            return
-        if elem.VR == "PN" or kw.endswith("ID") or "Institution" in kw or kw in (
-            "AccessionNumber", "StationName", "OtherPatientNames", "PatientAddress",
-        ):  # fmt: skip
-            values = elem.value if elem.VM > 1 else [elem.value]
-            for v in values:
-                for w in _WORD.findall(as_text(v)):
-                    if len(w) >= 2:
-                        words.add(w.lower())
-
-    ds.walk(visit)
-    return frozenset(words)
+def identifier_words(values: set[str]) -> frozenset[str]:
+    """The words (2 characters or more, lower case) of an object's names, IDs and institution
+    data (:func:`deid.phi.identifying_values`), to scrub from descriptors word by word."""
+    return frozenset(w.lower() for v in values for w in _WORD.findall(v) if len(w) >= 2)
 
 
 def shift_date(value: str, days: int) -> str:
@@ -84,11 +70,12 @@ def age_band(years: float) -> int:
 
 
 def clean_text(text: str, identifiers: frozenset[str]) -> str:
-    """Keep the words of a descriptor that are not identifiers, dates or long numbers."""
+    """Keep the words of a descriptor that are not identifiers, dates, phone or record numbers,
+    e-mail addresses, UIDs or long numbers."""
     if "^" in text:  # a person name in DICOM notation: nothing in it is a descriptor
         return ""
     kept = []
-    for token in re.split(r"(\s+)", text):
+    for token in re.split(r"(\s+)", strip_phi(text)):
         words = {w.lower() for w in _WORD.findall(token)}
         if words & identifiers or _LONG_NUMBER.search(token):
             continue

@@ -8,7 +8,17 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from deid_fixtures import build_export, byte_hits, harvest, phantom_series, sample_file, tree_digest
+from deid_fixtures import (
+    KEEP_PRIVATE,
+    build_export,
+    byte_hits,
+    element_at,
+    harvest,
+    phantom_series,
+    plant_identity,
+    sample_file,
+    tree_digest,
+)
 from pydicom import dcmread
 from typer.testing import CliRunner
 
@@ -247,3 +257,61 @@ def test_failed_run_leaves_no_output_and_refuses_bad_paths(tmp_path, export):
     # output inside the input
     result = _run(export, export / "sub", keys)
     assert result.exit_code == 2 and not (export / "sub").exists()
+
+
+# -- text the Annex E table does not list (issue 14, item 3) ---------------------------------------
+UNLISTED_POLICIES = {"strict": "strict", "research": "research", "keep-private": KEEP_PRIVATE}
+
+
+def _texts(ds) -> list[str]:
+    """Every text value left in a dataset, at any depth, private elements included."""
+    out = []
+    for elem in ds.iterall():
+        if elem.VR in ("LO", "SH", "ST", "LT", "UT", "UC", "PN"):
+            out.append(str(elem.value).lower())
+        elif elem.VR == "UN" and isinstance(elem.value, bytes):
+            out.append(elem.value.decode("latin-1").lower())
+    return out
+
+
+@pytest.mark.parametrize("name", UNLISTED_POLICIES)
+def test_unlisted_text_is_removed_or_cleaned_under_every_policy(tmp_path, name):
+    """Identity planted in unlisted attributes of every text VR, in other case and spelling, two
+    sequences deep and in private elements the policy keeps: no piece of it survives, and the
+    built-in check (scanner plus the input's values) agrees."""
+    planted = plant_identity(tmp_path / "in")
+    spec = UNLISTED_POLICIES[name]
+    policy = load_site_policy(spec) if isinstance(spec, str) else parse_policy(spec)
+    keys = SiteKeys.create(tmp_path / "keys")
+    ds = Deidentifier(policy, keys).apply(read_dicom(planted.path)).dataset
+    for where, text in planted.planted.items():
+        elem = element_at(ds, where)
+        assert elem is None or str(elem.value) != text, f"{where} kept verbatim under {name}"
+    leaks = [(f, t) for t in _texts(ds) for f in planted.fragments if f in t]
+    assert leaks == [], name
+    # what carries no identity is kept: technical text, codes, the kept private block's creator
+    assert ds.SequenceName == "*fl3d1" and ds.Manufacturer == "ACME"
+    code = ds.ScheduledProcedureStepSequence[0].ScheduledProtocolCodeSequence[0]
+    assert code.CodeValue == "P5-0A001" and code.CodingSchemeDesignator == "SRT"
+    if name == "keep-private":
+        assert ds.get((0x0029, 0x0010)).value == "ACME MEDICAL 1.0"
+        assert (0x0029, 0x1001) in ds  # kept, emptied
+    ds.save_as(tmp_path / "out.dcm", enforce_file_format=True)
+    known = harvest(planted.path.parent)
+    assert {planted.mrn, planted.digits, planted.family} <= known
+    assert scan_path(tmp_path / "out.dcm", policy=policy, known_values=known) == []
+
+
+def test_deid_dicom_cli_strips_a_free_text_note(tmp_path):
+    """The reported case end to end: `deid-dicom --policy strict` on a file holding the note in
+    (0040,0400) writes no byte of it, and its own final check passes."""
+    planted = plant_identity(tmp_path / "in")
+    result = _run(tmp_path / "in", tmp_path / "out", tmp_path / "keys")
+    assert result.exit_code == 0, result.stderr
+    written = [p for p in iter_files(tmp_path / "out") if p.suffix == ".dcm"]
+    assert len(written) == 4
+    for path in written:
+        data = path.read_bytes().lower()
+        for fragment in planted.fragments:
+            assert fragment.encode() not in data, (path.name, fragment)
+    assert byte_hits(tmp_path / "out", harvest(tmp_path / "in")) == []
