@@ -76,6 +76,12 @@ class Provenance(BaseModel):
     site_names: list[str] = Field(default_factory=list)
     rounds: PerPhase
     dp: dict[str, DPBudget | Literal["none"]] | Literal["none"] = "none"
+    dp_accounting: Literal["site-reported"] = Field(
+        "site-reported",
+        description="every (ε, δ) in dp is what its site reported: the coordinator checked it "
+        "against the federation's max_epsilon, the budget the site planned its noise for and "
+        "the site's earlier reports, but cannot recompute it (that needs the site's data)",
+    )
     software_version: str = Field(default_factory=lambda: software_version())
     created_at: str = Field(
         default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds")

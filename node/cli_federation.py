@@ -121,7 +121,8 @@ def verify(
     out.print(f"valid: {bundle}", markup=False)
     out.print(
         f"  federation {prov.federation}, {prov.sites} site(s), rounds vqgan {prov.rounds.vqgan} "
-        f"+ diffusion {prov.rounds.diffusion}, DP {dp}",
+        f"+ diffusion {prov.rounds.diffusion}, DP {dp}"
+        + ("" if prov.dp == "none" else " (as each site reported it)"),
         markup=False,
     )
     out.print(

@@ -15,6 +15,46 @@ FederatedRounds = per_phase_setting(
 )
 
 
+class AggregationRules(BaseModel):
+    """How the coordinator keeps one registered site from taking over the shared model. A site is
+    authenticated, not trusted: its sample count and every tensor it sends are bounded before
+    FedAvg. The "round's median" is over the round's accepted updates, the lower median for an
+    even count, so with two sites it is the smaller of the two."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_samples_per_site: int = Field(
+        1_000_000, ge=1, description="a reply claiming more training samples is rejected"
+    )
+    weight_cap_vs_median: float | None = Field(
+        1.0,
+        ge=1,
+        allow_inf_nan=False,
+        description="a site's FedAvg weight is at most this multiple of the round's median "
+        "sample count (null: weights as claimed)",
+    )
+    change_cap_vs_median: float | None = Field(
+        1.0,
+        ge=1,
+        allow_inf_nan=False,
+        description="each tensor's change, buffers and EMA weights included, is scaled down to at "
+        "most this multiple of the round's median change of that tensor (null: no scaling)",
+    )
+    max_abs_value: float = Field(
+        1e6,
+        gt=0,
+        allow_inf_nan=False,
+        description="an update holding a floating value larger in magnitude is rejected",
+    )
+    latent_range_margin: float = Field(
+        0.5,
+        gt=0,
+        allow_inf_nan=False,
+        description="calibration: a site's latent range that reaches beyond the other sites' "
+        "median range by more than this share of its width is left out",
+    )
+
+
 class FederationPolicy(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -26,7 +66,10 @@ class FederationPolicy(BaseModel):
     rounds: FederatedRounds
     min_sites: int = Field(2, ge=1, description="a round starts only with this many sites")
     dp_required: bool = Field(True, description="sites must train with differential privacy")
-    max_epsilon: float | None = Field(10.0, gt=0, description="largest ε a site may report")
+    max_epsilon: float | None = Field(
+        10.0, gt=0, allow_inf_nan=False, description="largest ε a site may report"
+    )
+    aggregation: AggregationRules = Field(default_factory=AggregationRules)
 
     @field_validator("labels")
     @classmethod

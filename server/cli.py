@@ -202,10 +202,11 @@ def publish(
 
     manifest = run_publish(folder, out_file, checkpoint)
     prov = manifest.provenance
+    dp = "none" if prov.dp == "none" else "per site, ε as each site reported it"
     out.print(f"bundle: {out_file}", markup=False)
     out.print(
         f"federation {prov.federation}, {prov.sites} site(s), rounds vqgan {prov.rounds.vqgan} "
-        f"+ diffusion {prov.rounds.diffusion}, DP {'none' if prov.dp == 'none' else 'per site'}; "
+        f"+ diffusion {prov.rounds.diffusion}, DP {dp}; "
         f"signed by {manifest.signer['public_key_sha256'][:16]}…",
         markup=False,
     )

@@ -2,13 +2,15 @@
 
 Before the first diffusion round the latent scale is agreed: every site encodes its volumes with
 the shared VQ-GAN and reports only the per-channel minimum and maximum of its latents; the
-coordinator takes the minimum of the minima and the maximum of the maxima, so every site's
-latents fall in [-1, 1] under one shared scaling (the same rule central training applies to one
-cohort).
+coordinator leaves out a range that reaches far beyond the others' (one site could otherwise
+squash everyone's scale) and takes the minimum of the remaining minima and the maximum of the
+maxima, so every honest site's latents fall in [-1, 1] under one shared scaling (the same rule
+central training applies to one cohort).
 
 A training round sends the shared weights and the round's settings to every connected site,
-checks each reply (:mod:`server.aggregate`) and averages the accepted ones weighted by sample
-count; the loop (:mod:`server.server_app`) checkpoints and logs it.
+checks each reply, bounds the accepted ones against each other and averages them weighted by
+sample count (:mod:`server.aggregate`); the loop (:mod:`server.server_app`) checkpoints and logs
+it.
 """
 
 from __future__ import annotations
@@ -23,14 +25,16 @@ from flwr.serverapp import Grid
 from policies.protocol import RoundConfig, RoundPlan
 from server.aggregate import (
     Update,
+    bound_updates,
     change_norm,
+    latent_range_outliers,
     privacy_problem,
     trainable_keys,
     update_problem,
     weighted_average,
 )
 from server.exchange import pack, payload_bytes, site_replies, unpack
-from server.federation import CALIBRATE, DIFFUSION_PHASE, Federation
+from server.federation import CALIBRATE, DIFFUSION_PHASE, VQGAN_PHASE, Federation
 
 
 def round_config(fed: Federation, phase: str, round_: int) -> RoundConfig:
@@ -69,7 +73,7 @@ def calibrate(grid: Grid, fed: Federation) -> dict:
     """Agree the latent scale: min of the sites' per-channel minima, max of their maxima."""
     round_ = fed.policy.rounds.vqgan
     content = _content(fed, CALIBRATE, round_, arrays=fed.vqgan.state_dict())
-    lows, highs, sites, problems = [], [], [], {}
+    ranges, sites, problems = {}, [], {}
     channels = fed.config.vqgan.embedding_dim
     for site, reply in site_replies(grid, fed, content, round_):
         if isinstance(reply, str):
@@ -83,14 +87,22 @@ def calibrate(grid: Grid, fed: Federation) -> dict:
             sites.append(site)
         elif reply.latent_low is None or len(reply.latent_low) != channels:
             problems[site] = f"rejected: no latent range of {channels} channels"
+        elif any(lo > hi for lo, hi in zip(reply.latent_low, reply.latent_high, strict=True)):
+            problems[site] = "rejected: a latent range whose low is above its high"
         else:
-            lows.append(torch.tensor(reply.latent_low))
-            highs.append(torch.tensor(reply.latent_high))
+            ranges[site] = (reply.latent_low, reply.latent_high)
             sites.append(site)
+    margin = fed.policy.aggregation.latent_range_margin
+    for site, problem in latent_range_outliers(ranges, margin).items():
+        problems[site] = f"rejected: {problem}"
+        del ranges[site]
+        sites.remove(site)
     if len(sites) < fed.policy.min_sites:
         raise RuntimeError(f"calibration: too few sites answered ({problems})")
-    if lows:
-        low, high = torch.stack(lows).min(dim=0).values, torch.stack(highs).max(dim=0).values
+    if ranges:
+        lows = torch.tensor([low for low, _ in ranges.values()])
+        highs = torch.tensor([high for _, high in ranges.values()])
+        low, high = lows.min(dim=0).values, highs.max(dim=0).values
     else:  # every site is DP: the codebook's range, a function of the shared model alone
         low, high = fed.vqgan.codebook_latent_range()
     fed.vqgan.set_latent_range(low, high)
@@ -99,7 +111,7 @@ def calibrate(grid: Grid, fed: Federation) -> dict:
         "event": "calibrated",
         "sites": sites,
         "problems": problems,
-        "range_from": "sites" if lows else "codebook",
+        "range_from": "sites" if ranges else "codebook",
         "latent_low": fed.vqgan.latent_low.tolist(),
         "latent_high": fed.vqgan.latent_high.tolist(),
     }
@@ -109,7 +121,7 @@ def train_round(grid: Grid, fed: Federation, round_: int) -> dict:
     phase = fed.phase_of(round_)
     model = fed.model_of(phase)
     reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    bounded = trainable_keys(model)
+    trained_keys = trainable_keys(model)
     arrays = {"arrays": reference}
     if phase == DIFFUSION_PHASE:
         arrays["vqgan"] = fed.vqgan.state_dict()
@@ -134,8 +146,15 @@ def train_round(grid: Grid, fed: Federation, round_: int) -> dict:
         del metrics["num_samples"]
         update = Update(site, state, reply.num_samples, metrics, reply.privacy)
         problem = privacy_problem(
-            reply.privacy, fed.policy.dp_required, fed.policy.max_epsilon
-        ) or update_problem(update, reference, fed.settings.max_update_norm, bounded)
+            reply.privacy,
+            fed.policy.dp_required,
+            fed.policy.max_epsilon,
+            reply.dp_round,
+            previous=fed.privacy[phase].get(site) or fed.privacy[VQGAN_PHASE].get(site),
+            trained=True,
+        ) or update_problem(
+            update, reference, fed.settings.max_update_norm, trained_keys, fed.policy.aggregation
+        )
         if problem:
             rejected[site] = f"rejected: {problem}"
         else:
@@ -154,10 +173,11 @@ def train_round(grid: Grid, fed: Federation, round_: int) -> dict:
         return entry
     for u in accepted:
         fed.privacy[phase][u.site] = u.privacy
-    average = weighted_average(accepted)
-    entry["change_norm"] = change_norm(average, reference, bounded)
+    bounded_updates, entry["bounded"] = bound_updates(accepted, reference, fed.policy.aggregation)
+    average = weighted_average(bounded_updates)
+    entry["change_norm"] = change_norm(average, reference, trained_keys)
     model.load_state_dict(average)
-    if fed.settings.keep_updates:
+    if fed.settings.keep_updates:  # what the sites sent, before bounding
         folder = fed.coordinator.updates / f"round-{round_:04d}"
         for u in accepted:
             _save_state(folder / f"{u.site}.safetensors", u.state, u.site, u.num_samples)

@@ -104,6 +104,7 @@ def test_sign_then_verify_passes_and_holds_only_generation_weights(signed):
     assert manifest.provenance.sites == 2
     assert manifest.provenance.rounds.diffusion == 4
     assert manifest.provenance.dp["b"].epsilon == 8.0
+    assert manifest.provenance.dp_accounting == "site-reported"  # said plainly, in the signed part
     assert manifest.worst_epsilon == 8.0
     assert manifest.provenance.software_version.startswith("med-lsdm")
     assert manifest.provenance.created_at.endswith("+00:00")

@@ -32,6 +32,8 @@ from lsdm.loopback import free_port
 from lsdm.phantom import write_cohort
 from node.cli import app as node_app
 from node.join import JoinSpec, supernode_command
+from policies.federation import AggregationRules
+from server.aggregate import Update, bound_updates, weighted_average
 from server.cli import app as server_app
 from server.serve import descendants
 
@@ -170,7 +172,8 @@ def wait_for_port(port: int, timeout: float = 60) -> None:
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory, processes):
-    """Coordinator + alpha (4 subjects) + beta (3) + mallory (3, spoils its weights)."""
+    """Coordinator + alpha (4 subjects) + beta (3) + mallory (3, lies in every phase:
+    tests/test_federation_evil_app.py)."""
     root = tmp_path_factory.mktemp("federation")
     coordinator = make_coordinator(
         root, {"vqgan": 1, "diffusion": 1}, min_sites=2, keep_updates=True, max_update_norm=50.0
@@ -266,7 +269,7 @@ def _model(path: Path, name: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix) :]: f.get_tensor(k) for k in keys if k.startswith(prefix)}
 
 
-def test_two_sites_complete_both_phases_and_bad_updates_are_rejected(federation):
+def test_two_sites_complete_both_phases_and_a_lying_site_is_rejected_or_bounded(federation):
     coordinator = federation["coordinator"]
     wait_until(
         lambda: any(e["event"] == "finished" for e in rounds(coordinator)),
@@ -280,41 +283,65 @@ def test_two_sites_complete_both_phases_and_bad_updates_are_rejected(federation)
         (1, "vqgan", "aggregated"),
         (2, "diffusion", "aggregated"),
     ]
-    for entry in entries:
-        assert sorted(entry["accepted"]) == ["alpha", "beta"]
-        assert entry["accepted"]["alpha"]["num_samples"] == 4
-        assert entry["accepted"]["beta"]["num_samples"] == 3
-        assert set(entry["rejected"]) == {"mallory"}
-    assert "not finite" in entries[0]["rejected"]["mallory"]
+    first, second = entries
+    assert sorted(first["accepted"]) == ["alpha", "beta"]
+    assert "max_abs_value" in first["rejected"]["mallory"]  # its codebook of 1e30
+    assert (
+        first["accepted"]["alpha"]["num_samples"],
+        first["accepted"]["beta"]["num_samples"],
+    ) == (4, 3)
+    assert first["accepted"]["alpha"]["train_seconds"] > 0
     assert entries[1]["bytes_down"] > entries[0]["bytes_down"] > 0  # phase 2 adds the VQ-GAN
     assert entries[0]["bytes_up"]["alpha"] > 0
-    assert entries[0]["accepted"]["alpha"]["train_seconds"] > 0
-    assert "exceeds the bound" in entries[1]["rejected"]["mallory"]
+    # mallory's diffusion update passes every static check, and is bounded: the weight of the
+    # round's median sample count, its EMA weights' change scaled down to the median change
+    assert sorted(second["accepted"]) == ["alpha", "beta", "mallory"]
+    assert second["accepted"]["mallory"]["num_samples"] == AggregationRules().max_samples_per_site
+    assert second["bounded"]["mallory"]["weight"] == 4
+    assert second["bounded"]["mallory"]["tensors_scaled"] > 10
 
-    # the shared weights are the sample-weighted average of what the honest sites sent
+    # the shared weights are what the coordinator's rules make of the updates the sites sent:
+    # bounded against each other, then averaged by their (capped) sample counts
     state = coordinator / "state"
     finals = {1: _model(state / "vqgan.safetensors", "vqgan"),
               2: _model(state / "ldm.safetensors", "ldm")}  # fmt: skip
     for round_, final in finals.items():
         folder = state / "updates" / f"round-{round_:04d}"
-        alpha, n_alpha = _site_state(folder / "alpha.safetensors")
-        beta, n_beta = _site_state(folder / "beta.safetensors")
-        assert (n_alpha, n_beta) == (4, 3)
+        reference, _ = _site_state(folder / "reference.safetensors")
+        senders = ["alpha", "beta"] if round_ == 1 else ["alpha", "beta", "mallory"]
+        sent = {site: _site_state(folder / f"{site}.safetensors") for site in senders}
+        assert (sent["alpha"][1], sent["beta"][1]) == (4, 3)
+        updates = [Update(site, tensors, n, {}) for site, (tensors, n) in sent.items()]
+        expected = weighted_average(bound_updates(updates, reference, AggregationRules())[0])
         compared = 0
         for key, value in final.items():
             if not value.is_floating_point() or key.startswith("latent_"):
                 continue  # the latent scale is set after phase 1 by calibration
-            expected = (alpha[key].double() * 4 + beta[key].double() * 3) / 7
-            torch.testing.assert_close(value, expected.to(value.dtype), rtol=0, atol=1e-6)
+            torch.testing.assert_close(value, expected[key], rtol=0, atol=1e-6)
             compared += 1
         assert compared > 10
+        alpha, beta = sent["alpha"][0], sent["beta"][0]
         assert not torch.equal(alpha[next(iter(final))], beta[next(iter(final))])
+    # with mallory's 30x EMA change averaged as claimed, the sampling weights would have moved
+    # far from the honest sites'; bounded, they stay within the honest sites' own spread
+    ema = [k for k in finals[2] if k.startswith("ema.") and finals[2][k].is_floating_point()]
 
-    # the agreed latent scale covers every honest site's range
+    def distance(a, b):
+        return sum(float((a[k].double() - b[k].double()).square().sum()) for k in ema) ** 0.5
+
+    alpha, beta = sent["alpha"][0], sent["beta"][0]
+    honest = {k: (alpha[k].double() * 4 + beta[k].double() * 3) / 7 for k in ema}
+    plain = weighted_average(updates)  # FedAvg as claimed, without bounds
+    assert distance(plain, honest) > 10 * distance(alpha, beta)
+    assert distance(finals[2], honest) < distance(alpha, beta)
+
+    # the agreed latent scale covers every honest site's range; mallory's was left out
     calibrated = next(e for e in rounds(coordinator) if e["event"] == "calibrated")
-    assert sorted(calibrated["sites"]) == ["alpha", "beta", "mallory"]
+    assert sorted(calibrated["sites"]) == ["alpha", "beta"]
+    assert "reaches far beyond" in calibrated["problems"]["mallory"]
     vqgan = _model(state / "vqgan.safetensors", "vqgan")
     assert vqgan["latent_low"].tolist() == pytest.approx(calibrated["latent_low"])
+    assert min(calibrated["latent_low"]) > -1e3
     assert (vqgan["latent_high"] > vqgan["latent_low"]).all()
 
     # every honest site holds the signed generator bundle, verified against its pinned key;
@@ -327,5 +354,6 @@ def test_two_sites_complete_both_phases_and_bad_updates_are_rejected(federation)
         bundle = federation["sites"][name]["dir"] / "work" / "generator.lsdm"
         assert bundle.read_bytes() == (state / "generator.lsdm").read_bytes()
         manifest = verify_bundle(bundle, public)
-        assert manifest.provenance.site_names == ["alpha", "beta"]
+        # mallory's bounded diffusion update was averaged in, so it contributed
+        assert manifest.provenance.site_names == ["alpha", "beta", "mallory"]
     assert not (federation["sites"]["mallory"]["dir"] / "work" / "generator.lsdm").exists()

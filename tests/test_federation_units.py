@@ -23,7 +23,17 @@ from node.cli import app as node_app
 from node.client_app import Refusal, pack, receive_bundle, run_round, unpack
 from node.errors import UserError
 from node.join import JoinSpec, check_join, pin_coordinator_key
-from server.aggregate import Update, trainable_keys, update_problem, weighted_average
+from policies.federation import AggregationRules
+from policies.protocol import DPRecord, DPRound
+from server.aggregate import (
+    Update,
+    bound_updates,
+    latent_range_outliers,
+    privacy_problem,
+    trainable_keys,
+    update_problem,
+    weighted_average,
+)
 from server.cli import app as server_app
 from server.settings import APP_PYPROJECT
 
@@ -53,6 +63,17 @@ def test_update_checks_name_each_problem():
     missing = {k: v for k, v in _state().items() if k != "b"}
     assert "keys differ" in update_problem(Update("s", missing, 4, {}), reference, 1.0, bounded)
     assert "sample count" in update_problem(Update("s", _state(), 0, {}), reference, 1, bounded)
+    huge = Update("s", _state(), 10**9, {})
+    assert "max_samples_per_site" in update_problem(huge, reference, 1.0, bounded)
+    # buffers are not under the change bound, but under the policy's bound on any value
+    assert "max_abs_value" in problem(b=torch.tensor([1e30, 1.0]))
+    assert "max_abs_value" in update_problem(
+        Update("s", {**_state(), "b": torch.tensor([5.0, 1.0])}, 4, {}),
+        reference,
+        1e9,
+        bounded,
+        AggregationRules(max_abs_value=4.0),
+    )
 
 
 def test_weighted_average_weights_by_samples_and_keeps_counters():
@@ -60,7 +81,104 @@ def test_weighted_average_weights_by_samples_and_keeps_counters():
     b = Update("b", {"w": torch.full((2,), 4.0), "n": torch.tensor(9)}, 3, {})
     average = weighted_average([a, b])
     assert average["w"].tolist() == [3.25, 3.25]
-    assert average["n"].item() == 9  # from the site with the most samples
+    assert average["n"].item() == 7  # the lower median: a site cannot choose it alone
+
+
+def _trained_updates(tmp_path, sites: int) -> tuple[dict, list[dict]]:
+    """The shared VQ-GAN's weights and what ``sites`` honest sites make of them in one round:
+    real local training (10 steps) on each site's own phantom cohort."""
+    from lsdm.data import open_cohort
+    from lsdm.train_vqgan import train_vqgan
+
+    config = preset("tiny").with_overrides(
+        data={"shape": SHAPE}, train={"vqgan_steps": 10, "checkpoint_every": 10**6}
+    )
+    torch.manual_seed(0)
+    reference = VQGAN(config.vqgan).state_dict()
+    states = []
+    for i in range(sites):
+        write_cohort(tmp_path / f"c{i}", 3, SHAPE, seed=i)
+        cohort = open_cohort(tmp_path / f"c{i}")
+        run = train_vqgan(cohort, config.with_overrides(train={"seed": 0}), tmp_path / f"v{i}")
+        states.append({k: v.detach().clone() for k, v in run.model.state_dict().items()})
+    return reference, states
+
+
+def _distance(a: dict, b: dict) -> float:
+    keys = [k for k, v in a.items() if v.is_floating_point()]
+    return sum(float((a[k].double() - b[k].double()).square().sum()) for k in keys) ** 0.5
+
+
+def test_a_lying_site_moves_the_model_no_further_than_an_honest_one(tmp_path):
+    """Three sites train for real; the third then lies, within every static check: it claims
+    the largest cohort the policy allows and sends its change of every tensor, codebook and
+    counters included, scaled up 30x. After bounding, the shared model moves away from the
+    honest pair's average no further than it does with the third site honest."""
+    reference, (alpha, beta, honest) = _trained_updates(tmp_path, 3)
+    rules = AggregationRules()
+    scaled = {
+        k: (reference[k] + 30 * (v - reference[k])) if v.is_floating_point() else v
+        for k, v in honest.items()
+    }
+    trained = trainable_keys(VQGAN(preset("tiny").vqgan))
+    liar = Update("mallory", scaled, rules.max_samples_per_site, {})
+    assert update_problem(liar, reference, 1e9, trained, rules) is None  # passes static checks
+
+    def shared(third: Update) -> dict:
+        updates = [Update("alpha", alpha, 3, {}), Update("beta", beta, 3, {}), third]
+        bounded, log = bound_updates(updates, reference, rules)
+        return weighted_average(bounded), log
+
+    pair = weighted_average([Update("alpha", alpha, 3, {}), Update("beta", beta, 3, {})])
+    with_honest, _ = shared(Update("carol", honest, 3, {}))
+    with_liar, log = shared(liar)
+    honest_pull, liar_pull = _distance(with_honest, pair), _distance(with_liar, pair)
+    unbounded = weighted_average([Update("alpha", alpha, 3, {}), Update("beta", beta, 3, {}), liar])
+    assert _distance(unbounded, pair) > 20 * honest_pull  # what plain FedAvg would have done
+    assert liar_pull <= 1.5 * honest_pull, (liar_pull, honest_pull)
+    assert log["mallory"]["weight"] == 3 and log["mallory"]["tensors_scaled"] > 30
+    # the codebook, which no gradient trains and no static norm bounds, is bounded too
+    key = "autoencoder.quantizer.quantizer.embedding.weight"
+    assert _distance({key: with_liar[key]}, {key: pair[key]}) <= 1.5 * _distance(
+        {key: with_honest[key]}, {key: pair[key]}
+    )
+
+
+def test_bounding_leaves_honest_equal_sites_nearly_alone():
+    reference = {"w": torch.zeros(4)}
+    updates = [Update(s, {"w": torch.full((4,), v)}, 5, {}) for s, v in (("a", 1.0), ("b", 1.0))]
+    bounded, log = bound_updates(updates, reference, AggregationRules())
+    assert log == {} and weighted_average(bounded)["w"].tolist() == [1.0] * 4
+    off = AggregationRules(weight_cap_vs_median=None, change_cap_vs_median=None)
+    big = Update("c", {"w": torch.full((4,), 9.0)}, 100, {})
+    bounded, log = bound_updates([*updates, big], reference, off)
+    plain = (5 * 1.0 + 5 * 1.0 + 100 * 9.0) / 110  # FedAvg as claimed
+    assert log == {} and weighted_average(bounded)["w"].tolist() == pytest.approx([plain] * 4)
+
+
+def test_one_huge_latent_range_is_left_out_of_the_calibration():
+    honest = {"alpha": ([-1.0, -2.0], [1.0, 2.0]), "beta": ([-1.2, -1.8], [0.9, 2.1])}
+    assert latent_range_outliers(honest, 0.5) == {}
+    squash = {**honest, "mallory": ([-1.0, -1e6], [1.0, 2.0])}
+    assert list(latent_range_outliers(squash, 0.5)) == ["mallory"]
+    assert "channel 1" in latent_range_outliers(squash, 0.5)["mallory"]
+    two = {"alpha": honest["alpha"], "mallory": ([-50.0, -2.0], [1.0, 2.0])}
+    assert list(latent_range_outliers(two, 0.5)) == ["mallory"]
+
+
+def test_reported_epsilon_must_be_consistent():
+    plan = DPRound(noise_multiplier=1.0, max_grad_norm=1.0, epsilon_budget=4.0)
+    spent = DPRecord(dp=True, epsilon=2.0, delta=1e-5)
+    assert privacy_problem(spent, True, 10.0, plan, previous=None, trained=True) is None
+    earlier = DPRecord(dp=True, epsilon=3.0, delta=1e-5)
+    assert "below the 3" in privacy_problem(spent, True, 10.0, plan, earlier, trained=True)
+    assert "budget 1" in privacy_problem(
+        spent, True, 10.0, plan.model_copy(update={"epsilon_budget": 1.0}), None, trained=True
+    )
+    nothing = DPRecord(dp=True, epsilon=0.0, delta=1e-5)
+    assert "ε 0" in privacy_problem(nothing, True, 10.0, plan, None, trained=True)
+    assert "noise, clipping" in privacy_problem(spent, True, 10.0, None, None, trained=True)
+    assert "max_epsilon" in privacy_problem(spent, True, 1.0, plan, None, trained=True)
 
 
 def test_codebook_buffers_are_not_bounded_but_trained_weights_are():
