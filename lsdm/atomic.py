@@ -1,4 +1,9 @@
-"""Writes that never leave a half-written file or folder behind: stage beside, then rename."""
+"""Writes that never leave a half-written file or folder behind: stage beside, then rename.
+
+A process killed mid-write (``kill -9``, power loss) cannot clean up after itself, so what it
+leaves is named to be found again: hidden ``.<random>.partial<suffixes>`` files
+(:func:`atomic_path`, removed by :func:`remove_partial_files`).
+"""
 
 from __future__ import annotations
 
@@ -31,6 +36,17 @@ def atomic_path(path: Path) -> Iterator[Path]:
 def atomic_write_text(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def remove_partial_files(folder: Path) -> list[Path]:
+    """Remove the temporary files that :func:`atomic_path` calls in ``folder`` left behind when
+    their process was killed; returns them. Call it only where no other process is writing."""
+    removed = []
+    for path in Path(folder).glob(".*.partial*"):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 @contextmanager

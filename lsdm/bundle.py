@@ -42,7 +42,7 @@ from lsdm.checkpoint import file_sha256
 from lsdm.config import LSDMConfig
 from lsdm.diffusion import build_ldm, load_ldm
 from lsdm.errors import InputError
-from lsdm.generate import Generator
+from lsdm.generate import Generator, generation_tensors
 from lsdm.phases import PerPhase
 from lsdm.vqgan import VQGAN, load_vqgan
 
@@ -271,20 +271,6 @@ def verify_bundle(path: Path, public_key) -> Manifest:
 
 
 # -- building --------------------------------------------------------------------------------------
-def generation_tensors(vqgan: VQGAN, ldm) -> dict[str, torch.Tensor]:
-    """Exactly the weights that generation uses."""
-    tensors = {
-        "vqgan/codebook": vqgan.codebook,
-        "vqgan/latent_low": vqgan.latent_low,
-        "vqgan/latent_high": vqgan.latent_high,
-    }
-    for key, value in vqgan.autoencoder.decoder.state_dict().items():
-        tensors[f"vqgan/decoder/{key}"] = value
-    for key, value in ldm.ema.module.state_dict().items():
-        tensors[f"unet/{key}"] = value
-    return {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
-
-
 def build_bundle_bytes(
     vqgan_ckpt: Path, ldm_ckpt: Path, provenance: Provenance, signing_key
 ) -> bytes:

@@ -193,7 +193,8 @@ def sample(
 ) -> None:
     """Generate a synthetic volume for every map, in the map's own geometry.
 
-    Outputs that already exist are skipped, so an interrupted run resumes where it stopped.
+    The folder's generation.json records the settings: an interrupted run resumes where it
+    stopped when given the same settings; other settings are refused.
     """
     from lsdm.generate import Generator
 

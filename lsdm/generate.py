@@ -7,10 +7,13 @@ overlays its map exactly. Any map whose sides the networks can halve often enoug
 
 Every map gets its own noise, seeded by the run seed and the map's id, so a volume depends only
 on (seed, map, steps, guidance): not on batch composition, and not on whether the run was resumed.
+An output folder records those settings (:mod:`lsdm.synthetic_folder`), so a run is resumed only
+under the settings it began with.
 """
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,10 +26,11 @@ import torch.nn.functional as F
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 
 from lsdm.checkpoint import file_sha256
-from lsdm.cohort import IMAGES_DIR, MAPS_DIR, NIFTI_SUFFIX, subject_id, write_nifti
+from lsdm.cohort import MAPS_DIR, NIFTI_SUFFIX, subject_id, write_nifti
 from lsdm.config import LSDMConfig
 from lsdm.diffusion import LatentDiffusion, load_ldm, sample_latents
 from lsdm.errors import InputError
+from lsdm.synthetic_folder import GenerationSettings, SyntheticFolder, map_checksums
 from lsdm.training import default_device
 from lsdm.vqgan import VQGAN, load_vqgan
 
@@ -47,6 +51,25 @@ def map_seed(seed: int, map_id: str) -> int:
     return (seed << 32) + zlib.crc32(map_id.encode())
 
 
+def _generation_weights(vqgan: VQGAN, ldm: LatentDiffusion) -> dict[str, torch.Tensor]:
+    tensors = {
+        "vqgan/codebook": vqgan.codebook,
+        "vqgan/latent_low": vqgan.latent_low,
+        "vqgan/latent_high": vqgan.latent_high,
+    }
+    for key, value in vqgan.autoencoder.decoder.state_dict().items():
+        tensors[f"vqgan/decoder/{key}"] = value
+    for key, value in ldm.ema.module.state_dict().items():
+        tensors[f"unet/{key}"] = value
+    return tensors
+
+
+def generation_tensors(vqgan: VQGAN, ldm: LatentDiffusion) -> dict[str, torch.Tensor]:
+    """Exactly the weights that generation uses (what a generator bundle holds), copied."""
+    weights = _generation_weights(vqgan, ldm)
+    return {k: v.detach().cpu().contiguous().clone() for k, v in weights.items()}
+
+
 class Generator:
     def __init__(
         self,
@@ -60,6 +83,21 @@ class Generator:
         self.config, self.labels, self.device = config, labels, torch.device(device)
         self.vocabulary = np.array(sorted(labels))
         self.size_factor = 4 * ldm.downsampling  # VQ-GAN 4x, then the UNet's levels
+        self._sha256: str | None = None
+
+    @property
+    def sha256(self) -> str:
+        """SHA-256 of the configuration, vocabulary and generation weights: equal for the same
+        model whether it came from checkpoints or from a bundle."""
+        if self._sha256 is None:
+            digest = hashlib.sha256(self.config.model_dump_json().encode())
+            digest.update(repr(sorted(self.labels.items())).encode())
+            for key, value in sorted(_generation_weights(self.vqgan, self.ldm).items()):
+                value = value.detach().cpu().contiguous()  # one tensor at a time: no model copy
+                digest.update(f"{key} {value.dtype} {tuple(value.shape)}".encode())
+                digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+            self._sha256 = digest.hexdigest()
+        return self._sha256
 
     @classmethod
     def from_checkpoints(
@@ -153,6 +191,26 @@ class Generator:
             self.read_map(path)
         return paths
 
+    def settings(
+        self,
+        paths: list[Path],
+        seed: int = 0,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        maps_augmented: bool = False,
+    ) -> GenerationSettings:
+        """The settings a folder generated from ``paths`` records (defaults resolved)."""
+        sampling = self.config.diffusion
+        return GenerationSettings(
+            generator_sha256=self.sha256,
+            sampler=sampling.objective,
+            steps=steps or sampling.sampling_steps,
+            guidance=sampling.guidance_scale if guidance_scale is None else guidance_scale,
+            seed=seed,
+            maps_augmented=maps_augmented,
+            maps=map_checksums(paths),
+        )
+
     def generate_folder(
         self,
         paths: list[Path],
@@ -162,14 +220,20 @@ class Generator:
         guidance_scale: float | None = None,
         batch_size: int | None = None,
         on_done: Callable[[int, int], None] | None = None,
+        maps_augmented: bool = False,
     ) -> list[str]:
         """Generate a volume for every map of ``paths`` (from :meth:`check_folder`, so that all
         problems surface before the first file is written) into ``out/images/<id>.nii.gz``, with
-        the map used in ``out/maps/<id>.nii.gz``. Maps whose volume already exists are skipped,
-        so an interrupted run resumes. Returns the ids generated now.
+        the map used in ``out/maps/<id>.nii.gz``, recording the settings and each volume in
+        ``out/generation.json`` (:class:`~lsdm.synthetic_folder.SyntheticFolder`). A folder begun
+        with the same settings resumes: volumes recorded there are kept; one begun with other
+        settings is refused. ``maps_augmented`` only declares, for the record, that ``paths`` are
+        deformed copies of the user's maps. Returns the ids generated now.
         """
-        out = Path(out)
-        todo = [p for p in paths if not (out / IMAGES_DIR / p.name).exists()]
+        settings = self.settings(paths, seed, steps, guidance_scale, maps_augmented)
+        folder = SyntheticFolder(out)
+        todo_ids = set(folder.begin(settings))
+        todo = [p for p in paths if subject_id(p) in todo_ids]
         batch_size = batch_size or self.config.diffusion.batch_size
         by_shape: dict[tuple, list[SemanticMap]] = {}
         for path in todo:
@@ -183,19 +247,20 @@ class Generator:
                 batch = group[first : first + batch_size]
                 volumes = self.generate(
                     torch.stack([self.one_hot(m.labels) for m in batch]),
-                    [map_seed(seed, m.id) for m in batch],
-                    steps,
-                    guidance_scale,
+                    [map_seed(settings.seed, m.id) for m in batch],
+                    settings.steps,
+                    settings.guidance,
                 )
                 for semantic_map, volume in zip(batch, volumes, strict=True):
                     image = apply_orientation(volume[0].numpy(), semantic_map.to_file_order)
-                    name = f"{semantic_map.id}{NIFTI_SUFFIX}"
-                    write_nifti(out / MAPS_DIR / name, semantic_map.original, semantic_map.affine)
-                    # the image last: its presence marks the map as done
                     write_nifti(
-                        out / IMAGES_DIR / name, image.astype(np.float32), semantic_map.affine
+                        folder.map(semantic_map.id), semantic_map.original, semantic_map.affine
                     )
+                    write_nifti(
+                        folder.image(semantic_map.id), image.astype(np.float32), semantic_map.affine
+                    )
+                folder.add([m.id for m in batch])
                 done += len(batch)
                 if on_done is not None:
                     on_done(done, len(paths))
-        return [p.name[: -len(NIFTI_SUFFIX)] for p in todo]
+        return [subject_id(p) for p in todo]

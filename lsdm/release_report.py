@@ -2,6 +2,9 @@
 ``report.html`` (:mod:`lsdm.report_html`, pictures in ``report/``) beside the dataset's
 ``images/`` and ``maps/``.
 
+The dataset must be a finished one whose files are what its ``generation.json`` records
+(:mod:`lsdm.synthetic_folder`); the ``generation`` section states the settings recorded there.
+
 Sections: ``provenance`` (from the generator bundle), ``generation`` (settings), ``dataset``,
 ``pictures`` (map, synthetic volume and overlay in three planes for a sample of subjects),
 ``fidelity`` against the site's real cohort (:func:`lsdm.fidelity.measure_fidelity`: the real
@@ -32,6 +35,7 @@ from lsdm.fidelity import Fidelity, FidelitySettings, OnStage, measure_fidelity,
 from lsdm.fidelity_plots import plot_dice, plot_memorisation, save_release_sheet
 from lsdm.memorisation import Memorisation, check_memorisation
 from lsdm.segmenter import load_volumes
+from lsdm.synthetic_folder import RECORD_NAME, GenerationRecord, SyntheticFolder
 
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
@@ -63,7 +67,7 @@ class ReleaseProvenance(Provenance):
 
 
 class Generation(_Section):
-    """How the dataset was generated."""
+    """How the dataset was generated: the settings its ``generation.json`` records."""
 
     maps: str
     maps_augmented: bool
@@ -73,6 +77,24 @@ class Generation(_Section):
     bundle: str
     sampler: str
     augmented_voxel_share_changed_mean: float | None = None
+    generator_sha256: str | None = None  # filled from the record
+    record: str = RECORD_NAME
+
+
+def _recorded(generation: Generation, record: GenerationRecord, folder: Path) -> Generation:
+    """``generation`` with the record's generator; refuses settings the record does not hold."""
+    settings = record.settings
+    wrong = [
+        f"{field} {getattr(generation, field)} (recorded: {getattr(settings, field)})"
+        for field in ("steps", "guidance", "seed", "maps_augmented", "sampler")
+        if getattr(generation, field) != getattr(settings, field)
+    ]
+    if wrong:
+        raise InputError(
+            f"the report's generation settings differ from {folder / RECORD_NAME}: "
+            + ", ".join(wrong)
+        )
+    return generation.model_copy(update={"generator_sha256": settings.generator_sha256})
 
 
 class DatasetSummary(_Section):
@@ -132,8 +154,11 @@ def build_report(
     device: torch.device | str = "cpu",
 ) -> ReleaseReport:
     """Measure the dataset in ``synthetic_dir`` and write the report's pictures there; returns
-    the report with ``release`` still empty (see :func:`lsdm.report_html.write_report`)."""
+    the report with ``release`` still empty (see :func:`lsdm.report_html.write_report`).
+    Refuses (:class:`InputError`) a dataset that is unfinished, altered or not recorded, and a
+    ``generation`` whose settings are not the recorded ones."""
     synthetic_dir = Path(synthetic_dir)
+    generation = _recorded(generation, SyntheticFolder(synthetic_dir).verify(), synthetic_dir)
     if len(real.ids) < 3:
         raise InputError(f"the real cohort needs at least 3 subjects, has {len(real.ids)}")
     synthetic = open_synthetic(synthetic_dir, real.labels)

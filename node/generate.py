@@ -1,10 +1,13 @@
 """``lsdm-node verify`` and ``lsdm-node generate``: a site checks the coordinator's bundle, makes
 a synthetic dataset from label maps with it, and measures the result against its own cohort.
 
-Output folder: ``images/`` and ``maps/`` (the dataset), ``report.json``, ``report.html`` and
-``report/`` (the release report, :mod:`lsdm.release_report`), ``site-private/`` (the report's
-feature extractor, trained on patient images: never published). The site policy's release gate
-decides ``releasable``; a dataset that fails it is still written, marked not releasable.
+Output folder: ``images/`` and ``maps/`` (the dataset), ``generation.json`` (the settings it
+was made with and a checksum of every file, :mod:`lsdm.synthetic_folder`), ``report.json``,
+``report.html`` and ``report/`` (the release report, :mod:`lsdm.release_report`),
+``site-private/`` (the report's feature extractor, trained on patient images: never published).
+The site policy's release gate decides ``releasable``; a dataset that fails it is still written,
+marked not releasable. A folder begun with other settings is refused; while volumes are being
+added the folder has no report, and its record says it is unfinished.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ from policies.site import ReleaseGate, SitePolicy
 if TYPE_CHECKING:  # torch-heavy: imported when a report is made
     from lsdm.memorisation import Memorisation
     from lsdm.release_report import ReleaseDecision, ReleaseReport
+
+
+AUGMENTED_STAGING = ".augmented-maps."
 
 
 # -- map augmentation ------------------------------------------------------------------------------
@@ -76,10 +82,13 @@ def apply_gate(
     epsilon: float,
     scan_findings: int | None,
     policy: str | None = None,
+    *,
+    finished: bool,
 ) -> ReleaseDecision:
     """The site policy's decision on a report's memorisation check and Fréchet distance.
 
-    Rules: no near-copy of a training volume (always); median nearest-training distance ratio at
+    Rules: a finished dataset whose files are those its ``generation.json`` records (always);
+    no near-copy of a training volume (always); median nearest-training distance ratio at
     least ``min_nn_distance_ratio``; the largest site ε at most ``max_epsilon`` (a site that
     trained without DP counts as ε = ∞); Fréchet distance at most ``max_fid``; a clean PHI scan
     of the dataset when ``require_clean_scan``.
@@ -87,6 +96,11 @@ def apply_gate(
     from lsdm.release_report import ReleaseDecision
 
     reasons = []
+    if not finished:
+        reasons.append(
+            "the dataset is unfinished or altered: its files are not those of a complete "
+            "generation.json"
+        )
     if memorisation.near_copies:
         reasons.append(
             f"{len(memorisation.near_copies)} synthetic volume(s) are near-copies of training "
@@ -120,6 +134,18 @@ def apply_gate(
         worst_epsilon=None if np.isinf(epsilon) else epsilon,
         phi_scan_findings=scan_findings,
     )
+
+
+def is_finished(out: Path) -> bool:
+    """True for a complete dataset whose files are exactly what its record holds."""
+    from lsdm.errors import InputError
+    from lsdm.synthetic_folder import SyntheticFolder
+
+    try:
+        SyntheticFolder(out).verify()
+    except InputError:
+        return False
+    return True
 
 
 def scan_dataset(out: Path, policy: SitePolicy) -> int:
@@ -166,12 +192,21 @@ def generate(
     on_done: Callable[[int, int], None] | None = None,
     on_stage: Callable[[str, int], Callable | None] | None = None,
 ) -> GenerateResult:
-    """Verify and load the bundle, check every map and the real cohort, generate (skipping
-    volumes already there), then build the release report and apply the policy's gate."""
+    """Verify and load the bundle, check every map and the real cohort, generate (resuming a
+    folder begun with the same settings, refusing one begun with others), then build the
+    release report from what the folder's record verifies and apply the policy's gate."""
     from lsdm.bundle import load_bundle, load_public_key
     from lsdm.data import open_cohort
-    from lsdm.release_report import Generation, ReleaseProvenance, build_report
+    from lsdm.release_report import (
+        PICTURES_DIR,
+        REPORT_HTML,
+        REPORT_JSON,
+        Generation,
+        ReleaseProvenance,
+        build_report,
+    )
     from lsdm.report_html import write_report
+    from lsdm.synthetic_folder import SyntheticFolder
 
     if (spec.maps is None) == (spec.from_cohort is None):
         raise UserError("give exactly one of --maps DIR or --from-cohort COHORT")
@@ -201,11 +236,21 @@ def generate(
                 f"{sorted(manifest.labels)}: {real_path}"
             )
     spec.out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".augmented-maps.", dir=spec.out))
+    for leftover in spec.out.glob(f"{AUGMENTED_STAGING}*"):  # of a run that was killed
+        shutil.rmtree(leftover, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=AUGMENTED_STAGING, dir=spec.out))
     try:
         changed = None
         if spec.augment_maps:
             paths, changed = write_augmented_maps(paths, staging, spec.seed)
+        settings = generator.settings(
+            paths, spec.seed, spec.steps, spec.guidance, maps_augmented=spec.augment_maps
+        )
+        if SyntheticFolder(spec.out).plan(settings):  # refuses a folder of other settings
+            # volumes will be added: the old report no longer describes the folder
+            for stale in (REPORT_JSON, REPORT_HTML):
+                (spec.out / stale).unlink(missing_ok=True)
+            shutil.rmtree(spec.out / PICTURES_DIR, ignore_errors=True)
         made = generator.generate_folder(
             paths,
             spec.out,
@@ -214,6 +259,7 @@ def generate(
             guidance_scale=spec.guidance,
             batch_size=spec.batch_size,
             on_done=on_done,
+            maps_augmented=spec.augment_maps,
         )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -256,6 +302,7 @@ def generate(
         manifest.worst_epsilon,
         scan_dataset(spec.out, policy),
         policy=policy.name,
+        finished=is_finished(spec.out),
     )
     report = report.model_copy(update={"release": decision})
     write_report(report, spec.out)

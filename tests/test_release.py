@@ -17,14 +17,17 @@ from typer.testing import CliRunner
 
 from lsdm.bundle import Provenance, build_bundle
 from lsdm.data import open_cohort
-from lsdm.generate import Generator
+from lsdm.errors import InputError
+from lsdm.generate import Generator, map_seed
 from lsdm.memorisation import check_memorisation
 from lsdm.phantom import write_cohort
 from lsdm.phases import PerPhase
 from lsdm.release_report import SECTIONS, load_report
 from lsdm.segmenter import load_volumes
+from lsdm.synthetic_folder import SyntheticFolder
 from node.cli import app as node_app
-from node.generate import apply_gate, augment_map
+from node.generate import GenerateSpec, apply_gate, augment_map, generate, is_finished
+from policies.load import load_site_policy
 from policies.site import ReleaseGate
 from tests.helpers import CONDITIONING_SHAPE
 from tests.test_bundle import _write_pem
@@ -117,12 +120,16 @@ def test_memorisation_flags_planted_copies_and_passes_generated_volumes(volumes)
 
     frechet = 1.0
     gate = ReleaseGate(max_epsilon=None, min_nn_distance_ratio=0.5, max_fid=None)
-    decision = apply_gate(result, frechet, gate, float("inf"), 0)
+    decision = apply_gate(result, frechet, gate, float("inf"), 0, finished=True)
     assert decision.releasable is False
     assert any("near-copies" in r and "copy+noise" in r for r in decision.reasons)
-    clean = apply_gate(generated_only, frechet, gate, float("inf"), 0)
+    clean = apply_gate(generated_only, frechet, gate, float("inf"), 0, finished=True)
     assert clean.releasable is True and clean.reasons == []
-    strict = apply_gate(generated_only, frechet, ReleaseGate(max_fid=0.5), float("inf"), 2)
+    unfinished = apply_gate(generated_only, frechet, gate, float("inf"), 0, finished=False)
+    assert not unfinished.releasable and "unfinished" in unfinished.reasons[0]
+    strict = apply_gate(
+        generated_only, frechet, ReleaseGate(max_fid=0.5), float("inf"), 2, finished=True
+    )
     assert not strict.releasable
     text = " ".join(strict.reasons)
     assert "without differential privacy" in text and "Fréchet" in text and "PHI scan" in text
@@ -227,11 +234,137 @@ def test_generate_writes_the_dataset_and_a_complete_report(trained_models, relea
 
     again = _generate(release_setup, out, *args, "--policy", str(release_setup["policy"]))
     assert again.exit_code == 0 and "generated 0 volume(s)" in again.stdout
+    assert json.loads((out / "report.json").read_text())["generation"] == report["generation"]
+    assert (
+        report["generation"]["generator_sha256"]
+        == json.loads((out / "generation.json").read_text())["settings"]["generator_sha256"]
+    )
 
 
-def test_a_planted_copy_is_marked_not_releasable_and_strict_fails(
+class _Killed(BaseException):
+    """What ``kill -9`` does to a run: it stops, and nothing of it runs afterwards."""
+
+
+def test_an_interrupted_release_is_unfinished_and_resumes_only_with_its_settings(
     trained_models, release_setup, tmp_path
 ):
+    """Issue 14 §4: kill a run once volumes exist, then run it again with other settings."""
+    maps = _maps(trained_models, tmp_path / "maps")
+    out = tmp_path / "out"
+    policy = load_site_policy(release_setup["policy"])
+    spec = GenerateSpec(
+        bundle=release_setup["bundle"],
+        coordinator_key=release_setup["public"],
+        out=out,
+        maps=maps,
+        real=trained_models.cohort,
+        steps=int(STEPS),
+        batch_size=1,
+        segmentation_steps=int(SEG_STEPS),
+    )
+
+    def kill_after_first(done, total):
+        if done >= 1:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        generate(spec, policy, on_done=kill_after_first)
+    assert len(list((out / "images").iterdir())) == 1
+    record = json.loads((out / "generation.json").read_text())
+    assert record["complete"] is False
+    assert record["settings"]["steps"] == int(STEPS) and record["settings"]["seed"] == 0
+    assert not (out / "report.json").exists()
+    with pytest.raises(InputError, match="unfinished"):
+        SyntheticFolder(out).verify()
+    assert not is_finished(out)
+    kept = {p.name: p.read_bytes() for p in (out / "images").iterdir()}
+
+    args = ("--maps", str(maps), "--real", str(trained_models.cohort))
+    other = _generate(
+        {**release_setup}, out, *args, "--seed", "7", "--augment-maps", "--batch-size", "1"
+    )
+    line = _one_error_line(other)
+    assert "other settings" in line and "seed 0 -> 7" in line and "maps augmented" in line
+    assert {p.name: p.read_bytes() for p in (out / "images").iterdir()} == kept
+    assert json.loads((out / "generation.json").read_text()) == record
+
+    finish = _generate(release_setup, out, *args, "--policy", str(release_setup["policy"]))
+    assert finish.exit_code == 0, finish.output
+    assert "generated 2 volume(s) (3 in all)" in finish.stdout
+    record = json.loads((out / "generation.json").read_text())
+    assert record["complete"] is True and sorted(record["volumes"]) == sorted(
+        p.name.removesuffix(".nii.gz") for p in maps.iterdir()
+    )
+    report = json.loads((out / "report.json").read_text())
+    assert report["generation"]["steps"] == int(STEPS) and report["generation"]["seed"] == 0
+    assert report["generation"]["maps_augmented"] is False
+    assert report["dataset"]["volumes"] == 3
+    for name, data in kept.items():  # the volume made before the kill was kept, not remade
+        assert (out / "images" / name).read_bytes() == data
+    assert is_finished(out)
+
+
+def test_augmented_releases_resume_and_other_steps_are_refused(
+    trained_models, release_setup, tmp_path
+):
+    maps = _maps(trained_models, tmp_path / "maps", count=2)
+    out = tmp_path / "out"
+    args = ("--maps", str(maps), "--no-report", "--augment-maps", "--seed", "7")
+    assert _generate(release_setup, out, *args).exit_code == 0
+    first = json.loads((out / "generation.json").read_text())
+    assert first["complete"] and first["settings"]["maps_augmented"] is True
+    (out / "images" / next(maps.iterdir()).name).unlink()  # as if killed before it was written
+    again = _generate(release_setup, out, *args)
+    assert again.exit_code == 0 and "generated 1 volume(s)" in again.stdout
+    again_record = json.loads((out / "generation.json").read_text())
+    assert again_record["settings"] == first["settings"]  # the same deformed maps: resumed
+    assert again_record["complete"] and again_record["volumes"].keys() == first["volumes"].keys()
+    fewer = CliRunner().invoke(
+        node_app,
+        [
+            "generate", "--bundle", str(release_setup["bundle"]),
+            "--coordinator-key", str(release_setup["public"]), "--out", str(out),
+            "--steps", "5", *args,
+        ],
+    )  # fmt: skip
+    assert "steps 8 -> 5" in _one_error_line(fewer)
+    assert not list(out.glob(".augmented-maps.*"))
+
+
+def test_a_memorised_volume_is_marked_not_releasable_and_strict_fails(
+    trained_models, release_setup, tmp_path, monkeypatch
+):
+    maps = _maps(trained_models, tmp_path / "maps")
+    out = tmp_path / "out"
+    args = ("--maps", str(maps), "--real", str(trained_models.cohort))
+    copied = sorted(maps.iterdir())[0].name.removesuffix(".nii.gz")
+    cohort = open_cohort(trained_models.cohort)
+    generator = Generator.from_checkpoints(trained_models.vqgan, trained_models.ldm, "cpu")
+    patient = load_volumes(cohort, generator.config, [copied]).images[0]
+    sample = Generator.generate
+
+    def memorising(self, maps, seeds, steps=None, guidance_scale=None):
+        """The trained generator, except that it reproduces one patient's image."""
+        volumes = sample(self, maps, seeds, steps, guidance_scale)
+        for row, seed in enumerate(seeds):
+            if seed == map_seed(0, copied):
+                volumes[row] = patient
+        return volumes
+
+    monkeypatch.setattr(Generator, "generate", memorising)
+    result = _generate(release_setup, out, *args, "--policy", str(release_setup["policy"]))
+    assert result.exit_code == 0, result.output
+    assert "NOT releasable" in result.stdout and "near-copies" in result.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["release"]["releasable"] is False
+    assert report["memorisation"]["near_copies"] == [copied]
+    strict = _generate(release_setup, out, *args, "--strict")  # the strict preset: also no DP
+    assert strict.exit_code == 1
+    assert "without differential privacy" in strict.stdout
+
+
+def test_an_altered_release_is_refused(trained_models, release_setup, tmp_path):
+    """A file changed after generation is never reported on: the re-run refuses the folder."""
     maps = _maps(trained_models, tmp_path / "maps")
     out = tmp_path / "out"
     args = ("--maps", str(maps), "--real", str(trained_models.cohort))
@@ -239,15 +372,13 @@ def test_a_planted_copy_is_marked_not_releasable_and_strict_fails(
     assert not (out / "report.json").exists()
     planted = sorted((out / "images").iterdir())[0]
     shutil.copy(trained_models.cohort / "images" / planted.name, planted)  # a patient's image
-    result = _generate(release_setup, out, *args, "--policy", str(release_setup["policy"]))
-    assert result.exit_code == 0, result.output
-    assert "NOT releasable" in result.stdout and "near-copies" in result.stdout
-    report = json.loads((out / "report.json").read_text())
-    assert report["release"]["releasable"] is False
-    assert report["memorisation"]["near_copies"] == [planted.name.removesuffix(".nii.gz")]
-    strict = _generate(release_setup, out, *args, "--strict")  # the strict preset: also no DP
-    assert strict.exit_code == 1
-    assert "without differential privacy" in strict.stdout
+    line = _one_error_line(_generate(release_setup, out, *args))
+    assert "changed after it was generated" in line and planted.name in line
+    assert not (out / "report.json").exists()
+    stray = out / "maps" / "extra.nii.gz"
+    shutil.copy(next(maps.iterdir()), stray)
+    with pytest.raises(InputError, match="not generated under generation.json"):
+        SyntheticFolder(out).verify()
 
 
 def _one_error_line(result) -> str:
