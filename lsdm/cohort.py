@@ -13,6 +13,7 @@ manifests without importing torch.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import nibabel as nib
@@ -25,6 +26,8 @@ MANIFEST_NAME = "cohort.json"
 IMAGES_DIR = "images"
 MAPS_DIR = "maps"
 NIFTI_SUFFIX = ".nii.gz"
+# The largest volume any reader here allocates (a 1024x1024x256 scan; the reference grid is 2.1M).
+MAX_NIFTI_VOXELS = 1024 * 1024 * 256
 
 
 class CohortSubject(BaseModel):
@@ -48,6 +51,28 @@ def subject_id(path: Path) -> str:
     """``images/abc.nii.gz`` -> ``abc``."""
     name = path.name
     return name[: -len(NIFTI_SUFFIX)] if name.endswith(NIFTI_SUFFIX) else path.stem
+
+
+def declared_voxels(img: nib.Nifti1Image) -> int:
+    """The voxel count ``img``'s header declares, checked before any voxel is read; raises
+    ``ValueError`` (which readers turn into their own one-line error) beyond the limit."""
+    shape = tuple(int(n) for n in img.header.get_data_shape())
+    voxels = math.prod(shape)
+    if voxels > MAX_NIFTI_VOXELS:
+        raise ValueError(
+            f"its header declares shape {shape}, {voxels} voxels, more than the "
+            f"{MAX_NIFTI_VOXELS} allowed"
+        )
+    return voxels
+
+
+def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(array, affine) of a NIfTI file whose declared size is within :data:`MAX_NIFTI_VOXELS`
+    (checked from the header, before the data is read). Raises whatever nibabel raises for a
+    file it cannot read, and ``ValueError`` for one too large."""
+    img = nib.load(path)
+    declared_voxels(img)
+    return np.asarray(img.dataobj), img.affine
 
 
 def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> None:

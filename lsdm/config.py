@@ -10,8 +10,9 @@ objects. Two presets matter everywhere:
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -20,14 +21,20 @@ from lsdm.errors import InputError
 
 # The VQ-GAN's two stride-2 levels shrink every side by this factor: (D, H, W) -> latent (D/4, ...).
 VQGAN_DOWNSAMPLING = 4
+# The largest volume a configuration may ask for (512^3 voxels; the reference grid has 2.1M).
+MAX_VOXELS = 512**3
+
+Positive = Annotated[int, Field(ge=1)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan: every float of every section must be finite (a NaN learning rate trains a
+    # NaN model; an infinite one is never what was meant)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DataConfig(_Strict):
-    shape: tuple[int, int, int] = Field(
+    shape: tuple[Positive, Positive, Positive] = Field(
         (32, 64, 64), description="(D, H, W) every volume is cropped or padded to, after RAS"
     )
     intensity_percentiles: tuple[float, float] = Field(
@@ -38,6 +45,13 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _shape_fits_the_autoencoder(self) -> DataConfig:
+        if math.prod(self.shape) > MAX_VOXELS:
+            raise ValueError(f"shape {self.shape}: more than {MAX_VOXELS} voxels")
+        low, high = self.intensity_percentiles
+        if not 0 <= low < high <= 100:
+            raise ValueError(
+                f"intensity_percentiles {self.intensity_percentiles}: need 0 <= low < high <= 100"
+            )
         if any(n % VQGAN_DOWNSAMPLING for n in self.shape):
             raise ValueError(
                 f"shape {self.shape}: every side must be divisible by {VQGAN_DOWNSAMPLING}"
@@ -46,12 +60,14 @@ class DataConfig(_Strict):
 
 
 class VQGANConfig(_Strict):
-    channels: tuple[int, int] = Field((16, 32), description="encoder widths of the two levels")
+    channels: tuple[Positive, Positive] = Field(
+        (16, 32), description="encoder widths of the two levels"
+    )
     num_res_layers: int = Field(1, ge=0)
-    num_res_channels: tuple[int, int] = (16, 32)
+    num_res_channels: tuple[Positive, Positive] = (16, 32)
     num_embeddings: int = Field(256, ge=2, description="codebook size")
     embedding_dim: int = Field(4, ge=1, description="latent channels")
-    commitment_cost: float = 0.25
+    commitment_cost: float = Field(0.25, ge=0)
     codebook_decay: float = Field(0.99, gt=0, lt=1, description="EMA decay of the codebook")
     dead_code_restart: float = Field(
         0.01,
@@ -61,7 +77,7 @@ class VQGANConfig(_Strict):
         "is moved onto an encoding of the current batch (0: never; without it a short run "
         "collapses onto a few codes)",
     )
-    disc_channels: int = 16
+    disc_channels: int = Field(16, ge=1)
     disc_layers: int = Field(2, ge=1)
     adversarial_loss: Literal["hinge", "least_squares"] = "hinge"
     adversarial_weight: float = Field(0.05, ge=0)
@@ -69,8 +85,8 @@ class VQGANConfig(_Strict):
     adversarial_start_step: int = Field(
         200, ge=0, description="the discriminator and the adversarial terms start at this step"
     )
-    lr: float = 1e-3
-    disc_lr: float = 1e-3
+    lr: float = Field(1e-3, gt=0)
+    disc_lr: float = Field(1e-3, gt=0)
     recon_label_balance: float = Field(
         0.0,
         ge=0,
@@ -88,10 +104,12 @@ class VQGANConfig(_Strict):
 
 
 class DiffusionConfig(_Strict):
-    channels: tuple[int, ...] = Field((16, 32), description="UNet widths per level")
+    channels: tuple[Positive, ...] = Field(
+        (16, 32), min_length=1, description="UNet widths per level"
+    )
     attention_levels: tuple[bool, ...] = (False, False)
     num_res_blocks: int = Field(1, ge=1)
-    num_head_channels: int = 8
+    num_head_channels: int = Field(8, ge=1)
     norm_groups: int = Field(8, ge=1, description="GroupNorm groups; must divide every width")
     spade_channels: int = Field(16, ge=1, description="hidden width of each SPADE block")
     map_resize: Literal["nearest", "area"] = Field(
@@ -122,7 +140,7 @@ class DiffusionConfig(_Strict):
     )
     ema_decay: float = Field(0.995, gt=0, lt=1)
     batch_size: int = Field(8, ge=1)
-    lr: float = 1e-3
+    lr: float = Field(1e-3, gt=0)
 
     @model_validator(mode="after")
     def _levels_match(self) -> DiffusionConfig:
@@ -212,12 +230,17 @@ def load_config(path: Path) -> LSDMConfig:
     """Read a YAML configuration; it may name a ``preset`` whose values the file then overrides."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise InputError(f"cannot read configuration {path}: {err}") from None
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise InputError(
+            f"cannot read configuration {path}: {' '.join(str(err).split())}"
+        ) from None
     if not isinstance(raw, dict):
         raise InputError(f"configuration {path} must be a mapping")
-    base = preset(raw.pop("preset")).model_dump() if "preset" in raw else {}
+    name = raw.pop("preset", None)
+    if name is not None and not isinstance(name, str):
+        raise InputError(f"configuration {path}: preset must be a name, not {name!r}")
+    base = preset(name).model_dump() if name is not None else {}
     for section, values in raw.items():
         if isinstance(values, dict) and isinstance(base.get(section), dict):
             base[section].update(values)

@@ -2,8 +2,9 @@
 
 Every cohort is checked before anything is read for training or written anywhere, and a problem is
 reported as one :class:`~lsdm.errors.InputError` naming the file: a map without an image or the
-reverse, grids (shape or affine) that disagree, a map with non-integer values or labels outside the
-vocabulary, an unreadable file.
+reverse, grids (shape or affine) that disagree, an image with NaN or infinite values, a map with
+non-integer values or labels outside the vocabulary, a header declaring a volume too large to
+read, an unreadable file.
 
 Item shapes (after :func:`make_transforms`): ``image`` (1, D, H, W) float in [-1, 1]; ``map``
 (L, D, H, W) one-hot float over the cohort's vocabulary of L labels (it sums to 1 at every voxel).
@@ -16,7 +17,6 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 from monai.data import CacheDataset, DataLoader
@@ -31,7 +31,15 @@ from monai.transforms import (
     ScaleIntensityRangePercentilesd,
 )
 
-from lsdm.cohort import IMAGES_DIR, MANIFEST_NAME, MAPS_DIR, NIFTI_SUFFIX, read_manifest, subject_id
+from lsdm.cohort import (
+    IMAGES_DIR,
+    MANIFEST_NAME,
+    MAPS_DIR,
+    NIFTI_SUFFIX,
+    read_manifest,
+    read_nifti,
+    subject_id,
+)
 from lsdm.config import DataConfig
 from lsdm.errors import InputError
 
@@ -58,8 +66,7 @@ def _nifti_files(folder: Path) -> dict[str, Path]:
 
 def _load(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
-        img = nib.load(path)
-        return np.asarray(img.dataobj), img.affine
+        return read_nifti(path)
     except Exception as err:  # nibabel raises many kinds for a truncated or foreign file
         raise InputError(f"unreadable file {path}: {err}") from None
 
@@ -91,6 +98,8 @@ def open_cohort(root: Path) -> Cohort:
             )
         if not np.allclose(image_affine, map_affine, atol=1e-4):
             raise InputError(f"image and map affines differ: {maps[sid]}")
+        if not np.isfinite(image).all():
+            raise InputError(f"image has NaN or infinite values: {images[sid]}")
         values = np.unique(label_map)
         if not np.all(np.isfinite(values)) or not np.all(values == np.round(values)):
             raise InputError(f"map has non-integer values: {maps[sid]}")

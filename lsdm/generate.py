@@ -19,14 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 
 from lsdm.checkpoint import file_sha256
-from lsdm.cohort import MAPS_DIR, NIFTI_SUFFIX, subject_id, write_nifti
+from lsdm.cohort import MAPS_DIR, NIFTI_SUFFIX, read_nifti, subject_id, write_nifti
 from lsdm.config import LSDMConfig
 from lsdm.diffusion import LatentDiffusion, load_ldm, sample_latents
 from lsdm.errors import InputError
@@ -116,8 +115,7 @@ class Generator:
         """Read and check a map file; raises :class:`InputError` naming the file when the model
         cannot take it (unreadable, not 3D, non-integer, unknown labels, unsuitable shape)."""
         try:
-            img = nib.load(path)
-            original = np.asarray(img.dataobj)
+            original, affine = read_nifti(path)  # refuses a huge declared shape before reading
         except Exception as err:
             raise InputError(f"unreadable map {path}: {err}") from None
         if original.ndim != 3:
@@ -130,7 +128,7 @@ class Generator:
                 f"map has labels {unknown.astype(int).tolist()} outside the model's vocabulary "
                 f"{self.vocabulary.tolist()}: {path}"
             )
-        orientation = io_orientation(img.affine)
+        orientation = io_orientation(affine)
         labels = apply_orientation(original, orientation)
         if any(n % self.size_factor for n in labels.shape):
             raise InputError(
@@ -141,7 +139,7 @@ class Generator:
             id=subject_id(Path(path)),
             path=Path(path),
             labels=labels.astype(np.int64),
-            affine=img.affine,
+            affine=affine,
             to_file_order=ornt_transform(RAS, orientation),
             original=original,
         )

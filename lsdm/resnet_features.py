@@ -66,9 +66,13 @@ def build_resnet(depth: int) -> nn.Module:
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as e:  # named .safetensors, but not one
+            raise InputError(f"{path}: not a readable safetensors file ({e})") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle refused, truncated file, not a torch file at all

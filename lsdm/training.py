@@ -8,6 +8,7 @@ state come from the checkpoint, the batch of every step is a function of the ste
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -70,6 +71,13 @@ def run_steps(
     for step, batch in zip(range(start, steps), batches, strict=True):
         torch.manual_seed(step_seed(config.train.seed, step))
         losses = step_fn(step, batch)
+        diverged = {k: v for k, v in losses.items() if not math.isfinite(v)}
+        if diverged:  # nothing after this step is saved: the last checkpoint stays resumable
+            name, value = next(iter(diverged.items()))
+            raise InputError(
+                f"training diverged at step {step + 1}: {name} is {value}; lower the learning "
+                f"rate or check the cohort ({run.root})"
+            )
         window.append(losses)
         done = step + 1
         if done % config.train.log_every == 0 or done == steps:

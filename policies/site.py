@@ -58,7 +58,9 @@ IDENTIFYING_OPTIONS = frozenset(
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # every float is finite: an infinite ε (target or release limit) would read as "DP enabled"
+    # while promising nothing; "no limit" is written null
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class PixelBox(_Strict):
