@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 
 from deid.audit import AUDIT_NAME, AuditLog
@@ -25,7 +27,14 @@ from deid.volumes import (
     seg_referenced_series,
 )
 from lsdm.atomic import staged_directory
-from lsdm.cohort import IMAGES_DIR, MAPS_DIR, NIFTI_SUFFIX, write_manifest, write_nifti
+from lsdm.cohort import (
+    IMAGES_DIR,
+    MAPS_DIR,
+    NIFTI_SUFFIX,
+    declared_voxels,
+    write_manifest,
+    write_nifti,
+)
 from node.errors import ScanFailed, UserError
 from policies.site import SitePolicy
 
@@ -56,11 +65,24 @@ class MapSource:
     seg_uid: str | None = None  # set for DICOM SEG maps
 
 
+def _inside_maps(target: Path, maps_dir: Path, line: int, pairs: Path) -> Path:
+    """``maps_dir / target``, refused unless it lies inside ``maps_dir`` (links resolved): a
+    pairs file must not make prepare read files the site did not hand over as maps."""
+    inside = (maps_dir / target).resolve()
+    if target.is_absolute() or not inside.is_relative_to(maps_dir.resolve()):
+        raise UserError(
+            f"pairs line {line}: map {target} lies outside --maps {maps_dir} "
+            f"(with --maps, map paths are relative to it): {pairs}"
+        )
+    return maps_dir / target
+
+
 def _read_pairs(pairs: Path, maps_dir: Path | None) -> dict[str, Path]:
-    """CSV rows ``series UID or folder, map file``; relative map paths are read from --maps."""
+    """CSV rows ``series UID or folder, map file``. With --maps, map paths are relative to it
+    and must stay inside it; without, they are taken as given."""
     out: dict[str, Path] = {}
     try:
-        with pairs.open(newline="") as f:
+        with pairs.open(newline="", encoding="utf-8") as f:
             for n, row in enumerate(csv.reader(f), 1):
                 if not row or row[0].strip().startswith("#"):
                     continue
@@ -69,12 +91,42 @@ def _read_pairs(pairs: Path, maps_dir: Path | None) -> dict[str, Path]:
                 key, target = row[0].strip(), Path(row[1].strip())
                 if n == 1 and key.lower() in ("series", "series_uid", "folder", "source"):
                     continue  # a header row
-                if not target.is_absolute() and maps_dir is not None:
-                    target = maps_dir / target
+                if maps_dir is not None:
+                    target = _inside_maps(target, maps_dir, n, pairs)
                 out[key] = target
     except OSError as e:
         raise UserError(f"cannot read pairs file ({e.strerror}): {pairs}") from None
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f"pairs file is not UTF-8 CSV text ({e}): {pairs}") from None
     return out
+
+
+def _check_declared_size(path: Path, volume_shape: tuple[int, ...]) -> None:
+    """Refuse a NIfTI map whose header declares another voxel count than its image's before any
+    of its voxels is read (a forged header could otherwise make us allocate anything)."""
+    try:
+        header = nib.load(path)
+    except Exception:  # an unreadable file: read_nifti_map says so
+        return
+    try:
+        voxels = declared_voxels(header)
+    except ValueError as e:
+        raise VolumeError(f"label map: {e}") from None
+    expected = int(np.prod(volume_shape))
+    if voxels != expected:
+        raise VolumeError(
+            f"label map declares {voxels} voxels, the image has {expected} {tuple(volume_shape)}"
+        )
+
+
+def _nothing_prepared(report: PrepareReport, src: Path, out: Path) -> UserError:
+    if not report.rejected:
+        return UserError(f"no DICOM image series in {src}; nothing was written to {out}")
+    reasons = Counter(reason for _, reason in report.rejected).most_common(3)
+    shown = "; ".join(f"{count}x {reason}" for reason, count in reasons)
+    return UserError(
+        f"every series was rejected ({len(report.rejected)}: {shown}); nothing was written to {out}"
+    )
 
 
 def _group_input(
@@ -226,6 +278,8 @@ def prepare_cohort(
                 if source is None:
                     raise VolumeError("no label map for this series")
                 volume = assemble_volume(sorted(s.files), policy.volumes)
+                if not np.isfinite(volume.array).all():
+                    raise VolumeError("image has NaN or infinite values")
                 tol = policy.volumes.map_affine_tolerance_mm
                 if source.seg_uid is not None:
                     try:
@@ -234,6 +288,7 @@ def prepare_cohort(
                         raise VolumeError(f"label map: {e.reason}") from None
                     label_map = read_seg_map(seg, volume, policy.labels, tol)
                 else:
+                    _check_declared_size(source.path, volume.array.shape)
                     label_map = read_nifti_map(source.path, volume, policy.labels, tol)
                 image, affine = volume.array, volume.affine
                 if policy.crop.mode == "labelled":
@@ -265,6 +320,8 @@ def prepare_cohort(
                     covariates[pseudonym] = s.characteristics
             if on_series:
                 on_series(i, len(ordered))
+        if not report.subjects:  # an empty cohort is no cohort: publish nothing
+            raise _nothing_prepared(report, src, out)
         for _ in report.unpaired_maps:
             audit.add("unpaired-map", reason="a label map that matches no series")
         for skipped in report.skipped:

@@ -1,21 +1,31 @@
 """Inputs that must be refused with one clear line, leaving nothing half-done (issue 14 §5):
-non-finite images, a run killed before its first checkpoint, configuration gaps, an infinite ε,
-NIfTI headers that declare huge volumes, a ``.safetensors`` file that is not one."""
+non-finite images, a run killed before its first checkpoint, configuration gaps, ``prepare``'s
+pairs files and empty or killed runs, an infinite ε, NIfTI headers that declare huge volumes, a
+``.safetensors`` file that is not one, and sites the coordinator's gateway refuses."""
 
 from __future__ import annotations
 
 import gzip
 import json
+import logging
 import math
+import os
+import subprocess
+import sys
 import tracemalloc
 from pathlib import Path
 
+import httpx
 import nibabel as nib
 import numpy as np
 import pytest
 import yaml
+from deid_fixtures import label_map_for, phantom_series
+from pydicom import dcmread
+from starlette.testclient import TestClient
 from typer.testing import CliRunner
 
+from lsdm.atomic import staged_directory
 from lsdm.cli import app as lsdm_app
 from lsdm.config import load_config
 from lsdm.data import open_cohort
@@ -25,6 +35,7 @@ from lsdm.resnet_features import load_resnet_extractor
 from lsdm.run_folder import RunFolder
 from lsdm.train_vqgan import train_vqgan
 from lsdm.training import run_steps
+from node.cli import app as node_app
 from policies.load import PolicyError, load_policy
 from tests.helpers import small_config
 
@@ -171,6 +182,100 @@ def test_a_configuration_that_is_not_utf8_is_one_line_through_the_cli(small_coho
     assert load_config(path).data.shape == (32, 256, 256)
 
 
+# -- prepare ---------------------------------------------------------------------------------------
+def _series(tmp_path: Path, name: str = "se", shape=(5, 8, 8)):
+    src = tmp_path / "in"
+    uid, volume, affine = phantom_series(src / name, shape=shape)
+    (tmp_path / "maps").mkdir(exist_ok=True)
+    nib.save(nib.Nifti1Image(label_map_for(volume), affine), tmp_path / "maps" / f"{uid}.nii.gz")
+    assert CliRunner().invoke(node_app, ["init", "--keys", str(tmp_path / "k")]).exit_code == 0
+    return src, uid
+
+
+def _prepare(tmp_path: Path, *extra):
+    args = ["prepare", "--input", tmp_path / "in", "--out", tmp_path / "c",
+            "--keys", tmp_path / "k", *extra]  # fmt: skip
+    return CliRunner().invoke(node_app, [str(a) for a in args])
+
+
+def test_prepare_refuses_pairs_that_are_not_utf8_or_leave_maps(tmp_path):
+    _, uid = _series(tmp_path)
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_bytes(f"{uid},{uid}.nii.gz\n# caf\xe9\n".encode("latin-1"))
+    line = _one_line(_prepare(tmp_path, "--maps", tmp_path / "maps", "--pairs", pairs))
+    assert "not UTF-8" in line and str(pairs) in line
+    outside = tmp_path / "elsewhere.nii.gz"
+    outside.write_bytes((tmp_path / "maps" / f"{uid}.nii.gz").read_bytes())
+    for target in ("../elsewhere.nii.gz", str(outside), "sub/../../elsewhere.nii.gz"):
+        pairs.write_text(f"series,map\n{uid},{target}\n")
+        line = _one_line(_prepare(tmp_path, "--maps", tmp_path / "maps", "--pairs", pairs))
+        assert "pairs line 2" in line and "outside --maps" in line
+    assert not (tmp_path / "c").exists()
+    pairs.write_text(f"{uid},{uid}.nii.gz\n")  # inside --maps: fine
+    assert _prepare(tmp_path, "--maps", tmp_path / "maps", "--pairs", pairs).exit_code == 0
+
+
+def test_prepare_that_rejects_every_series_publishes_nothing(tmp_path):
+    src, uid = _series(tmp_path)
+    for path in (src / "se").iterdir():  # one NaN slice: the image is not finite
+        ds = dcmread(path)
+        if int(ds.InstanceNumber) == 2:
+            ds.RescaleIntercept = "NaN"
+            ds.save_as(path)
+    line = _one_line(_prepare(tmp_path, "--maps", tmp_path / "maps"))
+    assert "every series was rejected" in line and "NaN or infinite" in line
+    assert not (tmp_path / "c").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "k", "maps"]  # no staging left
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = CliRunner().invoke(
+        node_app, ["prepare", "--input", str(empty), "--out", str(tmp_path / "c"),
+                   "--keys", str(tmp_path / "k")],
+    )  # fmt: skip
+    assert "no DICOM image series" in _one_line(result)
+
+
+def test_prepare_refuses_a_map_header_declaring_a_huge_volume_without_reading_it(tmp_path):
+    _, uid = _series(tmp_path)
+    _huge_header(tmp_path / "maps" / f"{uid}.nii.gz")
+    result = None
+
+    def run():
+        nonlocal result
+        result = _prepare(tmp_path, "--maps", tmp_path / "maps")
+
+    peak = _peak_bytes(run)
+    line = _one_line(result)
+    assert "declares shape (1024, 1024, 512)" in line
+    assert peak < 100 * 2**20, f"{peak / 2**20:.0f} MiB allocated for a refused map"
+
+
+def test_a_killed_staged_run_is_cleaned_up_by_the_next(tmp_path):
+    out = tmp_path / "cohort"
+    killed = subprocess.run(
+        [sys.executable, "-c",
+         "import os, sys\n"
+         "from pathlib import Path\n"
+         "from lsdm.atomic import staged_directory\n"
+         "with staged_directory(Path(sys.argv[1])) as stage:\n"
+         "    (stage / 'unscanned.nii.gz').write_bytes(b'patient')\n"
+         "    os.kill(os.getpid(), 9)\n",
+         str(out)],
+        cwd=Path(__file__).parents[1],
+    )  # fmt: skip
+    assert killed.returncode == -9
+    (left,) = tmp_path.glob(".cohort.*.partial")
+    assert (left / "unscanned.nii.gz").exists()
+    other = tmp_path / ".cohort.v2.999999.abc.partial"  # output cohort.v2's, not cohort's
+    other.mkdir()
+    live = tmp_path / f".cohort.{os.getpid()}.live.partial"  # a running process's
+    live.mkdir()
+    with staged_directory(out) as stage:
+        (stage / "x").write_text("1")
+    assert not left.exists() and other.exists() and live.exists()
+    assert (out / "x").read_text() == "1"
+
+
 # -- an infinite epsilon ---------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "policy",
@@ -236,3 +341,40 @@ def test_a_safetensors_file_that_is_not_one_is_an_input_error(tmp_path):
     fake.write_bytes(b"PK\x03\x04 this is a zip, not safetensors")
     with pytest.raises(InputError, match="not a readable safetensors file"):
         load_resnet_extractor(fake, 10)
+
+
+# -- refused sites ---------------------------------------------------------------------------------
+def test_refused_connections_are_logged_at_most_once_a_minute_per_address(caplog):
+    from server.gateway import RefusalLog, make_app
+
+    def superlink(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/activate-node"):
+            return httpx.Response(412, json={"detail": "Failed to activate SuperNode."})
+        return httpx.Response(200, content=b"ok")
+
+    upstream = httpx.AsyncClient(
+        transport=httpx.MockTransport(superlink), base_url="https://superlink"
+    )
+    caplog.set_level(logging.WARNING, logger="server.gateway")
+    with TestClient(make_app("superlink", "unused-ca.pem", client=upstream)) as gateway:
+        for _ in range(5):  # an unregistered site, retrying
+            assert gateway.post("/v1/fleet/activate-node", content=b"x").status_code == 412
+        assert gateway.post("/v1/fleet/pull-messages", content=b"x").status_code == 200
+        assert gateway.get("/v1/control/list-runs").status_code == 403
+    lines = [r.getMessage() for r in caplog.records if r.name == "server.gateway"]
+    assert len(lines) == 1, lines  # one line for this address in this minute
+    assert "refused testclient" in lines[0] and "412" in lines[0]
+    assert "Failed to activate SuperNode" in lines[0]
+
+    now = [0.0]
+    refusals = RefusalLog(interval_s=60, clock=lambda: now[0])
+    caplog.clear()
+    for t in (0, 1, 2, 30, 61, 62, 200):
+        now[0] = t
+        refusals.refused("10.0.0.7", "activate-node: 412")
+    refusals.refused("10.0.0.8", "GET /: not the Fleet API (403)")
+    lines = [r.getMessage() for r in caplog.records if r.name == "server.gateway"]
+    assert len(lines) == 4
+    assert "(and 3 more refused since the last line)" in lines[1]
+    assert "(and 1 more refused since the last line)" in lines[2]
+    assert lines[3].startswith("refused 10.0.0.8")
