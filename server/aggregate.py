@@ -19,12 +19,13 @@ included). A registered site is authenticated, not trusted, so before an update 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
 import torch
 
 from policies.federation import AggregationRules
-from policies.protocol import DPRecord, DPRound
+from policies.protocol import DPRecord, DPRound, SiteReply
 
 State = dict[str, torch.Tensor]
 
@@ -234,6 +235,39 @@ def latent_range_outliers(
                 f"{float(median_high[channel]):.3g}]"
             )
     return outliers
+
+
+def calibration_ranges(
+    replies: Iterable[tuple[str, SiteReply | str]],
+    channels: int,
+    dp_required: bool,
+    margin: float,
+) -> tuple[dict[str, tuple[list[float], list[float]]], list[str], dict[str, str]]:
+    """The calibration's replies sorted out: each usable site's latent range, the sites that
+    take part (a DP site takes part without a range), and why each other site does not (a
+    failure, a refusal, no or a malformed range, an outlier)."""
+    ranges, sites, problems = {}, [], {}
+    for site, reply in replies:
+        if isinstance(reply, str):
+            problems[site] = reply
+            continue
+        problem = privacy_problem(reply.privacy, dp_required, None)
+        if problem:
+            problems[site] = f"rejected: {problem}"
+        elif reply.latent_range_public:  # a DP site: no statistic of its data
+            sites.append(site)
+        elif reply.latent_low is None or len(reply.latent_low) != channels:
+            problems[site] = f"rejected: no latent range of {channels} channels"
+        elif any(lo > hi for lo, hi in zip(reply.latent_low, reply.latent_high, strict=True)):
+            problems[site] = "rejected: a latent range whose low is above its high"
+        else:
+            ranges[site] = (reply.latent_low, reply.latent_high)
+            sites.append(site)
+    for site, problem in latent_range_outliers(ranges, margin).items():
+        problems[site] = f"rejected: {problem}"
+        del ranges[site]
+        sites.remove(site)
+    return ranges, sites, problems
 
 
 def combined_privacy(*phases: dict[str, DPRecord]) -> dict[str, DPRecord]:

@@ -26,8 +26,8 @@ from policies.protocol import RoundConfig, RoundPlan
 from server.aggregate import (
     Update,
     bound_updates,
+    calibration_ranges,
     change_norm,
-    latent_range_outliers,
     privacy_problem,
     trainable_keys,
     update_problem,
@@ -73,30 +73,16 @@ def calibrate(grid: Grid, fed: Federation) -> dict:
     """Agree the latent scale: min of the sites' per-channel minima, max of their maxima."""
     round_ = fed.policy.rounds.vqgan
     content = _content(fed, CALIBRATE, round_, arrays=fed.vqgan.state_dict())
-    ranges, sites, problems = {}, [], {}
-    channels = fed.config.vqgan.embedding_dim
-    for site, reply in site_replies(grid, fed, content, round_):
-        if isinstance(reply, str):
-            problems[site] = reply
-            continue
-        reply, _ = reply
-        problem = privacy_problem(reply.privacy, fed.policy.dp_required, None)
-        if problem:
-            problems[site] = f"rejected: {problem}"
-        elif reply.latent_range_public:  # a DP site: no statistic of its data
-            sites.append(site)
-        elif reply.latent_low is None or len(reply.latent_low) != channels:
-            problems[site] = f"rejected: no latent range of {channels} channels"
-        elif any(lo > hi for lo, hi in zip(reply.latent_low, reply.latent_high, strict=True)):
-            problems[site] = "rejected: a latent range whose low is above its high"
-        else:
-            ranges[site] = (reply.latent_low, reply.latent_high)
-            sites.append(site)
-    margin = fed.policy.aggregation.latent_range_margin
-    for site, problem in latent_range_outliers(ranges, margin).items():
-        problems[site] = f"rejected: {problem}"
-        del ranges[site]
-        sites.remove(site)
+    replies = (
+        (site, reply if isinstance(reply, str) else reply[0])
+        for site, reply in site_replies(grid, fed, content, round_)
+    )
+    ranges, sites, problems = calibration_ranges(
+        replies,
+        fed.config.vqgan.embedding_dim,
+        fed.policy.dp_required,
+        fed.policy.aggregation.latent_range_margin,
+    )
     if len(sites) < fed.policy.min_sites:
         raise RuntimeError(f"calibration: too few sites answered ({problems})")
     if ranges:

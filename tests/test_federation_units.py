@@ -24,10 +24,11 @@ from node.client_app import Refusal, pack, receive_bundle, run_round, unpack
 from node.errors import UserError
 from node.join import JoinSpec, check_join, pin_coordinator_key
 from policies.federation import AggregationRules
-from policies.protocol import DPRecord, DPRound
+from policies.protocol import DPRecord, DPRound, SiteReply
 from server.aggregate import (
     Update,
     bound_updates,
+    calibration_ranges,
     latent_range_outliers,
     privacy_problem,
     trainable_keys,
@@ -164,6 +165,34 @@ def test_one_huge_latent_range_is_left_out_of_the_calibration():
     assert "channel 1" in latent_range_outliers(squash, 0.5)["mallory"]
     two = {"alpha": honest["alpha"], "mallory": ([-50.0, -2.0], [1.0, 2.0])}
     assert list(latent_range_outliers(two, 0.5)) == ["mallory"]
+
+
+def test_calibration_keeps_usable_ranges_and_says_why_of_the_others():
+    dp = DPRecord(dp=True, epsilon=1.0, delta=1e-5)
+
+    def reply(low=None, high=None, **fields):
+        return SiteReply(num_samples=3, latent_low=low, latent_high=high, **fields)
+
+    replies = [
+        ("alpha", reply([-1.0, -2.0], [1.0, 2.0])),
+        ("beta", reply([-1.2, -1.8], [0.9, 2.1])),
+        ("dp-site", reply(latent_range_public=True, privacy=dp)),
+        ("no-range", reply()),
+        ("three-channels", reply([0.0] * 3, [1.0] * 3)),
+        ("upside-down", reply([1.0, 1.0], [-1.0, -1.0])),
+        ("squasher", reply([-1e6, -2.0], [1.0, 2.0])),
+        ("failed", "site failed: node unavailable"),
+    ]
+    ranges, sites, problems = calibration_ranges(replies, 2, False, 0.5)
+    assert sorted(ranges) == ["alpha", "beta"]
+    assert sites == ["alpha", "beta", "dp-site"]
+    assert "no latent range of 2 channels" in problems["no-range"]
+    assert "no latent range of 2 channels" in problems["three-channels"]
+    assert "low is above its high" in problems["upside-down"]
+    assert "reaches far beyond" in problems["squasher"]
+    assert problems["failed"] == "site failed: node unavailable"
+    _, _, required = calibration_ranges(replies[:2], 2, True, 0.5)
+    assert "requires differential privacy" in required["alpha"]
 
 
 def test_reported_epsilon_must_be_consistent():
