@@ -15,31 +15,21 @@ A folder is therefore never a silent mix:
   recorded file that has since changed is refused;
 - :meth:`SyntheticFolder.verify` (the release report starts with it) accepts only a complete
   record whose files are exactly the folder's ``images/`` and ``maps/``.
-
-Only the standard library, pydantic, :mod:`lsdm.atomic` and :mod:`lsdm.cohort` are needed.
 """
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from lsdm.atomic import atomic_write_text, remove_partial_files
+from lsdm.checkpoint import file_sha256
 from lsdm.cohort import IMAGES_DIR, MAPS_DIR, NIFTI_SUFFIX, subject_id
 from lsdm.errors import InputError
 
 RECORD_NAME = "generation.json"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class _Frozen(BaseModel):
@@ -132,7 +122,7 @@ class SyntheticFolder:
         if not (image.is_file() and label_map.is_file()):
             return False
         for path, expected in ((image, entry.image_sha256), (label_map, entry.map_sha256)):
-            if _sha256(path) != expected:
+            if file_sha256(path) != expected:
                 raise InputError(
                     f"{path} changed after it was generated (its checksum differs from "
                     f"{RECORD_NAME}): generate into a new --out folder"
@@ -187,7 +177,7 @@ class SyntheticFolder:
         assert self.record is not None, "begin() first"
         for sid in sids:
             self.record.volumes[sid] = VolumeRecord(
-                image_sha256=_sha256(self.image(sid)), map_sha256=_sha256(self.map(sid))
+                image_sha256=file_sha256(self.image(sid)), map_sha256=file_sha256(self.map(sid))
             )
         self.record.complete = set(self.record.volumes) == set(self.record.settings.maps)
         self._write()
@@ -222,4 +212,4 @@ class SyntheticFolder:
 
 def map_checksums(paths: list[Path]) -> dict[str, str]:
     """id -> SHA-256 of each map file, for :attr:`GenerationSettings.maps`."""
-    return {subject_id(Path(p)): _sha256(Path(p)) for p in paths}
+    return {subject_id(Path(p)): file_sha256(Path(p)) for p in paths}
