@@ -47,7 +47,7 @@ from fresh_process import in_fresh_process
 
 from lsdm import diffusion
 from lsdm import vqgan as vq
-from lsdm.config import VQGAN_DOWNSAMPLING, LSDMConfig, preset
+from lsdm.config import LSDMConfig, preset
 from lsdm.phantom import PHANTOM_LABELS
 from node import privacy
 
@@ -100,7 +100,7 @@ def build(name: str, variant: str, config: LSDMConfig, device: torch.device):
 
         return fn, batch
     batch = config.diffusion.batch_size
-    latent_shape = (config.vqgan.embedding_dim, *(n // VQGAN_DOWNSAMPLING for n in shape))
+    latent_shape = config.vqgan.latent_shape(shape)
     model = diffusion.LatentDiffusion(config.diffusion, latent_shape[0], len(PHANTOM_LABELS)).to(
         device
     )

@@ -68,6 +68,24 @@ VARIANTS: dict[str, tuple[str, dict, float]] = {
     "area_std_input": ("std", {"map_resize": "area", "map_at_input": True}, 1),
     "wide_area_std_input": ("std", {"map_resize": "area", "map_at_input": True, **WIDE}, 1),
     "wide_area_std_input_x2": ("std", {"map_resize": "area", "map_at_input": True, **WIDE}, 2),
+    # for a 2x-compressed VQ-GAN (--vqgan-variant downsampling_2_*): its 16x32x32 latent folded
+    # into 2x2x2 blocks, at the cost of an 8x16x16 one. Range-scaled 2-channel latents leave
+    # residual noise in the samples (fidelity_cpu_downsampling_2.md): use the std variants.
+    "patch2_area_input": (
+        "range",
+        {"map_resize": "area", "latent_patch": 2, "map_at_input": True},
+        1,
+    ),
+    "patch2_area_std_input": (
+        "std",
+        {"map_resize": "area", "latent_patch": 2, "map_at_input": True},
+        1,
+    ),
+    "patch2_wide_area_std_input": (
+        "std",
+        {"map_resize": "area", "latent_patch": 2, "map_at_input": True, **WIDE},
+        1,
+    ),
     "area_std_input_ddpm_v": (
         "std",
         {
@@ -92,6 +110,13 @@ VQGAN_VARIANTS: dict[str, dict] = {
         "num_embeddings": 2048,
         "embedding_dim": 8,
     },
+    # half the compression per side (16x32x32 latents at 32x64x64): vessels are 1-2 voxels across
+    "downsampling_2_label_balance_0.5_dim_2": {
+        "recon_label_balance": 0.5,
+        "downsampling": 2,
+        "embedding_dim": 2,
+    },
+    "downsampling_2_label_balance_0.5": {"recon_label_balance": 0.5, "downsampling": 2},
     "wide_label_balance_0.5": {
         "recon_label_balance": 0.5,
         "channels": (32, 64),
@@ -209,11 +234,18 @@ def prepare(args, work: Path) -> dict:
     )
 
     started = time.perf_counter()
-    segmenter = train_segmenter(
-        [train], len(PHANTOM_LABELS), args.segmenter_steps, 0, None, device, recipe(args)
-    )
-    segmenter_seconds = time.perf_counter() - started
-    save_checkpoint(work / "segmenter.safetensors", {"segmenter": segmenter})
+    kept = work / "segmenter.safetensors"
+    if kept.exists():  # a rerun in the same work folder keeps its real-trained segmenter
+        segmenter = make_segmenter(len(PHANTOM_LABELS), recipe(args)).to(device)
+        load_checkpoint(kept, {"segmenter": segmenter}, device=device)
+        segmenter_seconds = float("nan")
+    else:
+        segmenter = train_segmenter(
+            [train], len(PHANTOM_LABELS), args.segmenter_steps, 0, None, device, recipe(args)
+        )
+        segmenter_seconds = time.perf_counter() - started
+        save_checkpoint(kept, {"segmenter": segmenter})
+    segmenter.eval()
     checker = NearestClassMean().fit(list(train.images[:, 0].numpy()), list(train.labels.numpy()))
     real_features = bottleneck_features(segmenter, test.images)
     result = {

@@ -37,7 +37,7 @@ from fresh_process import in_fresh_process
 from monai.losses import PatchAdversarialLoss
 from torch.utils.flop_counter import FlopCounterMode
 
-from lsdm.config import VQGAN_DOWNSAMPLING, LSDMConfig, preset
+from lsdm.config import LSDMConfig, preset
 from lsdm.diffusion import LatentDiffusion, make_optimiser, training_scheduler
 from lsdm.diffusion import train_step as ldm_train_step
 from lsdm.generate import Generator
@@ -173,7 +173,7 @@ def build(name: str, variant: str, config: LSDMConfig, args, device):
         return fn, config.data.batch_size
     if name == "ldm_step":
         batch = config.diffusion.batch_size
-        latent_shape = (config.vqgan.embedding_dim, *(n // VQGAN_DOWNSAMPLING for n in shape))
+        latent_shape = config.vqgan.latent_shape(shape)
         model = LatentDiffusion(config.diffusion, latent_shape[0], len(PHANTOM_LABELS)).to(device)
         optimiser = make_optimiser(model)
         model.unet = compile_(model.unet)

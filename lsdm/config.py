@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from lsdm.errors import InputError
 
-# The VQ-GAN's two stride-2 levels shrink every side by this factor: (D, H, W) -> latent (D/4, ...).
+# Every side of a volume must divide by this: the most the VQ-GAN's two levels shrink a side, so a
+# volume shape stays valid whichever ``VQGANConfig.downsampling`` a configuration picks.
 VQGAN_DOWNSAMPLING = 4
 # The largest volume a configuration may ask for (512^3 voxels; the reference grid has 2.1M).
 MAX_VOXELS = 512**3
@@ -65,6 +66,12 @@ class VQGANConfig(_Strict):
     )
     num_res_layers: int = Field(1, ge=0)
     num_res_channels: tuple[Positive, Positive] = (16, 32)
+    downsampling: Literal[2, 4] = Field(
+        4,
+        description="how much the encoder shrinks every side: 4 (two stride-2 levels, as "
+        "Med-LSDM at 256^2) or 2 (the second level keeps its size; 8x the latent voxels, for "
+        "small volumes whose vessels and lesions are a few voxels across)",
+    )
     num_embeddings: int = Field(256, ge=2, description="codebook size")
     embedding_dim: int = Field(4, ge=1, description="latent channels")
     commitment_cost: float = Field(0.25, ge=0)
@@ -102,6 +109,10 @@ class VQGANConfig(_Strict):
         "diffusion usually assumes)",
     )
 
+    def latent_shape(self, volume_shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+        """``(E, d, h, w)``: the latent of a ``(D, H, W)`` volume."""
+        return (self.embedding_dim, *(n // self.downsampling for n in volume_shape))
+
 
 class DiffusionConfig(_Strict):
     channels: tuple[Positive, ...] = Field(
@@ -121,6 +132,12 @@ class DiffusionConfig(_Strict):
         False,
         description="also give the UNet's first layer the map's label fractions at the latent "
         "size, beside the noisy latent (SPADE alone reaches only the decoder)",
+    )
+    latent_patch: Literal[1, 2] = Field(
+        1,
+        description="the UNet sees the latent in blocks of this side folded into channels "
+        "(space to depth) and unfolds its output the same way: 2 runs a 2x-compressed VQ-GAN's "
+        "latent at the cost of a 4x-compressed one, with 8x the channels",
     )
     objective: Literal["ddpm", "rflow"] = Field(
         "rflow", description="ddpm: denoising diffusion, sampled with DDIM; rflow: rectified flow"
@@ -169,11 +186,13 @@ class LSDMConfig(_Strict):
 
     @model_validator(mode="after")
     def _shape_fits_both_networks(self) -> LSDMConfig:
-        factor = VQGAN_DOWNSAMPLING * 2 ** (len(self.diffusion.channels) - 1)
+        unet = self.diffusion.latent_patch * 2 ** (len(self.diffusion.channels) - 1)
+        factor = self.vqgan.downsampling * unet
         if any(n % factor for n in self.data.shape):
             raise ValueError(
                 f"shape {self.data.shape}: every side must be divisible by {factor} "
-                f"({VQGAN_DOWNSAMPLING} for the VQ-GAN times 2 per extra UNet level)"
+                f"({self.vqgan.downsampling} for the VQ-GAN times {unet} for the UNet's latent "
+                "patch and levels)"
             )
         return self
 

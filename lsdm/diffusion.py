@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from monai.networks.blocks.spade_norm import SPADE
 from monai.networks.nets import SPADEDiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
+from monai.networks.utils import pixelshuffle, pixelunshuffle
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -50,16 +51,20 @@ class AreaSPADE(SPADE):
 
 
 class MapConditionedUNet(SPADEDiffusionModelUNet):
-    """MONAI's 3D SPADE diffusion UNet, ``forward(x, timesteps, seg)``, with two options of
-    :class:`DiffusionConfig`: SPADE's map resize by area (``map_resize``), and the map's label
+    """MONAI's 3D SPADE diffusion UNet, ``forward(x, timesteps, seg)``, with three options of
+    :class:`DiffusionConfig`: SPADE's map resize by area (``map_resize``); the map's label
     fractions at the latent size concatenated to the input (``map_at_input``), so that the
-    encoder half, which has no SPADE, sees the map too. The parameter names are MONAI's."""
+    encoder half, which has no SPADE, sees the map too; and the latent folded into channels in
+    blocks of ``latent_patch`` per side before the UNet and unfolded after it (the input's map
+    fractions are taken before folding, so they keep every latent voxel's). The parameter names
+    are MONAI's."""
 
     def __init__(self, config: DiffusionConfig, latent_channels: int, num_labels: int):
+        folded = config.latent_patch**3
         super().__init__(
             spatial_dims=3,
-            in_channels=latent_channels + (num_labels if config.map_at_input else 0),
-            out_channels=latent_channels,
+            in_channels=(latent_channels + (num_labels if config.map_at_input else 0)) * folded,
+            out_channels=latent_channels * folded,
             label_nc=num_labels,
             channels=config.channels,
             attention_levels=config.attention_levels,
@@ -69,6 +74,7 @@ class MapConditionedUNet(SPADEDiffusionModelUNet):
             spade_intermediate_channels=config.spade_channels,
         )
         self.map_at_input = config.map_at_input
+        self.latent_patch = config.latent_patch
         if config.map_resize == "area":
             for module in self.modules():
                 if type(module) is SPADE:
@@ -77,7 +83,10 @@ class MapConditionedUNet(SPADEDiffusionModelUNet):
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
         if self.map_at_input:
             x = torch.cat([x, label_fractions(seg, x.shape[2:]).to(x.dtype)], dim=1)
-        return super().forward(x, timesteps, seg=seg)
+        if self.latent_patch == 1:
+            return super().forward(x, timesteps, seg=seg)
+        folded = pixelunshuffle(x, 3, self.latent_patch)
+        return pixelshuffle(super().forward(folded, timesteps, seg=seg), 3, self.latent_patch)
 
 
 class LatentDiffusion(nn.Module):
@@ -97,7 +106,7 @@ class LatentDiffusion(nn.Module):
     @property
     def downsampling(self) -> int:
         """Each latent side must be divisible by this (the UNet halves it per level)."""
-        return 2 ** (len(self.config.channels) - 1)
+        return self.config.latent_patch * 2 ** (len(self.config.channels) - 1)
 
 
 def build_ldm(config: LSDMConfig, num_labels: int) -> LatentDiffusion:

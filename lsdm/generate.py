@@ -81,7 +81,8 @@ class Generator:
         self.vqgan, self.ldm = vqgan.to(device).eval(), ldm.to(device).eval()
         self.config, self.labels, self.device = config, labels, torch.device(device)
         self.vocabulary = np.array(sorted(labels))
-        self.size_factor = 4 * ldm.downsampling  # VQ-GAN 4x, then the UNet's levels
+        # the VQ-GAN's compression, then the UNet's latent patch and levels
+        self.size_factor = vqgan.config.downsampling * ldm.downsampling
         self._sha256: str | None = None
 
     @property

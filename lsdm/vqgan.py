@@ -18,7 +18,6 @@ larger than any encoding, which squeezes every real latent into a sliver of [-1,
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,9 +28,20 @@ from monai.networks.nets import VQVAE, PatchDiscriminator
 from torch import nn
 
 from lsdm.checkpoint import load_checkpoint, read_identity
-from lsdm.config import VQGAN_DOWNSAMPLING, LSDMConfig, VQGANConfig
+from lsdm.config import LSDMConfig, VQGANConfig
 
-LEVELS = int(math.log2(VQGAN_DOWNSAMPLING))  # stride-2 levels
+# MONAI's (stride, kernel, dilation, padding) of an encoder level that halves every side, and of
+# one that keeps it; the decoder's (stride, kernel, dilation, padding, output padding) mirror them.
+_HALVING = (2, 4, 1, 1)
+_KEEPING = (1, 3, 1, 1)
+
+
+def _level_parameters(downsampling: int) -> tuple[tuple, tuple]:
+    """Encoder and decoder parameters of the two levels: downsampling 4 halves at both, 2 only at
+    the first (full resolution); the decoder runs the levels in reverse."""
+    encoder = (_HALVING, _HALVING if downsampling == 4 else _KEEPING)
+    decoder = tuple((*level, 0) for level in reversed(encoder))
+    return encoder, decoder
 
 
 @torch.no_grad()
@@ -56,12 +66,13 @@ def _restart_dead_codes(quantiser, inputs, _output) -> None:
 
 
 class VQGAN(nn.Module):
-    """Autoencoder ``(B, 1, D, H, W) -> (B, 1, D, H, W)`` through a ``(B, E, D/4, H/4, W/4)``
-    codebook latent, with its discriminator."""
+    """Autoencoder ``(B, 1, D, H, W) -> (B, 1, D, H, W)`` through a ``(B, E, D/f, H/f, W/f)``
+    codebook latent (``f`` = ``config.downsampling``), with its discriminator."""
 
     def __init__(self, config: VQGANConfig):
         super().__init__()
         self.config = config
+        encoder_levels, decoder_levels = _level_parameters(config.downsampling)
         self.autoencoder = VQVAE(
             spatial_dims=3,
             in_channels=1,
@@ -69,8 +80,8 @@ class VQGAN(nn.Module):
             channels=config.channels,
             num_res_layers=config.num_res_layers,
             num_res_channels=config.num_res_channels,
-            downsample_parameters=((2, 4, 1, 1),) * LEVELS,
-            upsample_parameters=((2, 4, 1, 1, 0),) * LEVELS,
+            downsample_parameters=encoder_levels,
+            upsample_parameters=decoder_levels,
             num_embeddings=config.num_embeddings,
             embedding_dim=config.embedding_dim,
             commitment_cost=config.commitment_cost,
@@ -105,7 +116,7 @@ class VQGAN(nn.Module):
 
     def latent_shape(self, volume_shape: tuple[int, int, int]) -> tuple[int, int, int, int]:
         """``(E, d, h, w)``: the latent of a ``(D, H, W)`` volume."""
-        return (self.config.embedding_dim, *(n // VQGAN_DOWNSAMPLING for n in volume_shape))
+        return self.config.latent_shape(volume_shape)
 
     @torch.no_grad()
     def latent_range(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,7 +158,8 @@ class VQGAN(nn.Module):
         return self.latent_low.view(shape), self.latent_high.view(shape)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Continuous pre-quantisation latent ``(B, E, D/4, H/4, W/4)``, scaled to [-1, 1]."""
+        """Continuous pre-quantisation latent ``(B, E, D/f, H/f, W/f)``, scaled by
+        ``config.latent_scaling``."""
         low, high = self._range()
         return (self.autoencoder.encode(images) - low) / (high - low) * 2.0 - 1.0
 

@@ -3,6 +3,7 @@ are scaled (range or unit variance)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from monai.networks.blocks.spade_norm import SPADE
@@ -31,7 +32,9 @@ def test_label_fractions_keep_a_thin_structure_that_nearest_resizing_loses():
 
 
 def _diffusion(**overrides) -> LatentDiffusion:
-    config = preset("tiny").diffusion.model_copy(update=overrides)
+    # the map reaches the UNet through SPADE alone, on unfolded latents, unless a test says so
+    plain = {"map_at_input": False, "latent_patch": 1}
+    config = preset("tiny").diffusion.model_copy(update=plain | overrides)
     DiffusionConfig.model_validate(config.model_dump())
     torch.manual_seed(0)
     model = LatentDiffusion(config, latent_channels=4, num_labels=NUM_LABELS)
@@ -103,3 +106,42 @@ def test_label_balance_weighs_rare_labels_by_their_share_and_each_volume_alone()
     # a volume's weights read only its own map
     alone = label_balance_weights(maps[:1], 0.5)
     assert torch.allclose(alone, weights[:1])
+
+
+def test_a_latent_patch_folds_blocks_into_channels_and_keeps_each_voxel_its_own_output():
+    """``latent_patch: 2``: the UNet runs on 2x2x2 blocks folded into 8x the channels and hands
+    back the latent's own shape; folding must not merge the voxels of a block, so moving one
+    voxel or its neighbour in the same block gives different outputs."""
+    folded = _diffusion(latent_patch=2, map_at_input=True)
+    assert folded.unet.conv_in.conv.in_channels == (4 + NUM_LABELS) * 8
+    assert folded.unet.out[-1].conv.out_channels == 4 * 8
+    assert folded.downsampling == 2 * _diffusion().downsampling
+    network = folded.unet.eval()
+    labels = torch.zeros(1, 16, 32, 32, dtype=torch.long)
+    maps, t = one_hot(labels), torch.tensor([10])
+    latents = torch.randn(1, 4, 8, 16, 16)
+    moved = [latents.clone(), latents.clone()]
+    moved[0][0, :, 2, 2, 2] += 1.0  # two voxels of the same 2x2x2 block
+    moved[1][0, :, 2, 2, 3] += 1.0
+    with torch.no_grad():
+        out = [network(x, t, seg=maps) for x in (latents, *moved)]
+    assert out[0].shape == latents.shape
+    assert not torch.allclose(out[1], out[2])
+
+
+def test_a_config_checks_its_volume_against_the_vqgan_compression_and_the_latent_patch():
+    base = preset("tiny")
+    # 4x VQ-GAN, 2 UNet levels: every side divides by 8; with a latent patch of 2, by 16
+    assert base.with_overrides(data={"shape": (8, 16, 24)}).data.shape == (8, 16, 24)
+    with pytest.raises(ValueError, match="divisible by 16"):
+        base.with_overrides(data={"shape": (8, 16, 24)}, diffusion={"latent_patch": 2})
+    # a 2x VQ-GAN with a latent patch of 2 asks for what the 4x one alone does
+    fine = base.with_overrides(
+        data={"shape": (8, 16, 24)}, vqgan={"downsampling": 2}, diffusion={"latent_patch": 2}
+    )
+    model = VQGAN(fine.vqgan).eval()
+    assert model.latent_shape((8, 16, 24)) == (4, 4, 8, 12)
+    with torch.no_grad():
+        images = torch.zeros(1, 1, 8, 16, 24)
+        assert model.autoencoder.encode(images).shape == (1, 4, 4, 8, 12)
+        assert model.autoencoder(images)[0].shape == images.shape

@@ -123,7 +123,8 @@ def test_guidance_combines_both_halves_from_one_batched_forward(generator, real)
     calls = []
     handle = network.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
     torch.manual_seed(0)
-    x, maps = torch.randn(2, 4, 6, 12, 12), real["one_hot"][:2]
+    maps = real["one_hot"][:2]
+    x = torch.randn(2, *generator.vqgan.latent_shape(maps.shape[2:]))
     with torch.no_grad():
         guided = guided_prediction(network, x, 300, maps, 1.5)
         assert calls == [4]  # one forward pass, batch 2B

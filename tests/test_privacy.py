@@ -216,7 +216,7 @@ def test_per_sample_gradients_of_a_unet_with_attention_equal_one_subject_at_a_ti
         for p in unet.parameters():  # get a gradient, and the comparison would be of zeros
             p.normal_(0.0, 0.1)
     reference = copy.deepcopy(unet)
-    noisy = torch.randn(3, 4, 4, 8, 8)
+    noisy = torch.randn(3, *config.vqgan.latent_shape((16, 32, 32)))
     timesteps = torch.tensor([10, 500, 900])
     maps = F.one_hot(torch.randint(0, 5, (3, 16, 32, 32)), 5).permute(0, 4, 1, 2, 3).float()
     params = list(reference.parameters())
@@ -254,7 +254,7 @@ def test_private_ldm_step_and_empty_batches_take_noisy_steps():
     ldm = build_ldm(config, 5)
     before = {k: v.clone() for k, v in ldm.unet.state_dict().items()}
     private = privacy.make_private_ldm(ldm, 1.0, 1.0, 4, _seeded())
-    latents = torch.rand(3, 4, 4, 8, 8) * 2 - 1
+    latents = torch.rand(3, *config.vqgan.latent_shape(SMALL_SHAPE)) * 2 - 1
     maps = F.one_hot(torch.randint(0, 5, (3, *SMALL_SHAPE)), 5).permute(0, 4, 1, 2, 3).float()
     losses = privacy.private_ldm_step(ldm, latents, maps, private)
     assert losses["loss"] > 0
